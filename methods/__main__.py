@@ -1,0 +1,25 @@
+"""``python -m methods --list``: the registered attribution methods."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from methods.registry import REGISTRY
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m methods", description=__doc__)
+    parser.add_argument("--list", action="store_true", help="list registered methods (default)")
+    parser.parse_args(argv)
+    entries = REGISTRY.entries()
+    width = max(len(name) for name in entries)
+    for name, entry in entries.items():
+        variant = ", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())
+        extra = f" [{variant}]" if variant else ""
+        print(f"{name:<{width}}  {entry.summary}{extra}  ({entry.origin})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

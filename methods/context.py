@@ -1,0 +1,90 @@
+"""What a method is given: the model, the data, the measurement and the artifact cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from diffusion.schedule import NoiseSchedule
+
+
+class ArtifactCache(Protocol):
+    """The part of ``benchmarks.store.ArtifactStore`` a method may use (methods never import
+    ``benchmarks``)."""
+
+    def get_or_compute(self, kind: str, spec: Mapping[str, Any], compute_fn, *, fmt: str): ...
+
+    def exists(self, kind: str, spec: Mapping[str, Any]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Everything a method needs to attribute the queries to the training set.
+
+    Attributes:
+        model: the base model trained on the full training set (eval mode).
+        schedule: its noise schedule.
+        train_images: ``# [n_train, C, H, W]`` the training set, in [-1, 1].
+        query_images: ``# [n_queries, C, H, W]`` the generated samples to attribute.
+        measurement: measurement name (``diffusion.measurements``), e.g. ``"loss"``, ``"elbo"``.
+        query_trajectories: ``# [n_queries, T + 1, C, H, W]`` sampling trajectories, needed by
+            the ``trajectory-logprob`` measurement; None otherwise.
+        hflip: whether training used random horizontal flips (App. G.8: gradients and the GGN
+            then take the expectation over flips).
+        seed: seed of every random choice a method makes (MC draws, projections, ...).
+        device: where to compute.
+        cache: artifact store for expensive intermediates (factors, features), or None.
+        cache_spec: JSON-able identity of (model, data, queries) to key cache entries with.
+        train_fn: ``(train_positions, seed) -> model`` retrains on a subset; used by the
+            exact-retraining oracle. None when the runner does not offer retraining.
+        grad_samples: Monte Carlo (t, eps) samples per example for training-loss and
+            measurement gradients, the setting's value (App. G.3: 250 on CIFAR). A method's own
+            config field, when set, takes precedence.
+        fit_samples: Monte Carlo samples per example for fitting curvature (K-FAC factors).
+        progress: show progress bars.
+    """
+
+    model: nn.Module
+    schedule: NoiseSchedule
+    train_images: torch.Tensor
+    query_images: torch.Tensor
+    measurement: str = "loss"
+    query_trajectories: torch.Tensor | None = None
+    hflip: bool = False
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    cache: ArtifactCache | None = None
+    cache_spec: Mapping[str, Any] = field(default_factory=dict)
+    train_fn: Callable[[torch.Tensor, int], nn.Module] | None = None
+    grad_samples: int = 250
+    fit_samples: int = 250
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.train_images.dim() != 4 or self.query_images.dim() != 4:
+            raise ValueError(
+                "train_images and query_images must be [N, C, H, W]; got "
+                f"{tuple(self.train_images.shape)} and {tuple(self.query_images.shape)}"
+            )
+        if self.grad_samples < 1 or self.fit_samples < 1:
+            raise ValueError(
+                f"grad_samples and fit_samples must be >= 1, got {self.grad_samples} and "
+                f"{self.fit_samples}"
+            )
+        if self.train_images.shape[1:] != self.query_images.shape[1:]:
+            raise ValueError(
+                f"train image shape {tuple(self.train_images.shape[1:])} differs from query "
+                f"image shape {tuple(self.query_images.shape[1:])}"
+            )
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_images.shape[0])
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.query_images.shape[0])

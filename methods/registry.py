@@ -1,0 +1,241 @@
+"""A small typed registry of attribution methods.
+
+Three ways in, one namespace:
+- built-ins, listed below as ``"module:Class"`` strings and imported on first use (lazy);
+- ``@register_method("name")`` on a class (scripts, tests, notebooks);
+- the entry-point group ``diffusion_attribution.methods`` of installed packages, whose entries
+  name a class (``my_pkg.method:MyMethod``): ``pip install my-plugin`` and it is listed.
+
+A name may carry config defaults that make it a variant (``kfac-reduce`` is ``kfac`` with
+``kfac_approx="reduce"``), so an ablation is a list of registry names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from importlib.metadata import entry_points
+from types import MappingProxyType
+from typing import Any
+
+from methods.base import AttributionMethod
+
+ENTRY_POINT_GROUP = "diffusion_attribution.methods"
+
+
+class UnknownMethodError(LookupError):
+    """An unknown method name; the message lists the known names and the closest match."""
+
+
+class DuplicateMethodError(ValueError):
+    """Two registrations under one name."""
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One registry name.
+
+    Attributes:
+        name: the registry name (``--method NAME``).
+        target: the method class, or ``"module:Class"`` to import on first use.
+        defaults: config field values that define this variant (overridable by the user).
+        summary: one line for ``--list``.
+        origin: ``"builtin"``, ``"decorator"`` or ``"entry-point (<distribution>)"``.
+    """
+
+    name: str
+    target: type[AttributionMethod] | str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    origin: str = "builtin"
+
+    def load(self) -> type[AttributionMethod]:
+        """The method class (imports its module if needed)."""
+        target = self.target
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            try:
+                target = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as error:
+                raise ImportError(
+                    f"method {self.name!r} ({self.origin}) points at {self.target!r}, which "
+                    f"cannot be imported: {error}"
+                ) from error
+        if not (isinstance(target, type) and issubclass(target, AttributionMethod)):
+            raise TypeError(
+                f"method {self.name!r} ({self.origin}) must be an AttributionMethod subclass, "
+                f"got {target!r}"
+            )
+        return target
+
+    def build(self, **overrides: Any) -> AttributionMethod:
+        """An instance whose config is the class defaults, then ``defaults``, then ``overrides``."""
+        cls = self.load()
+        known = {f.name for f in fields(cls.Config)}
+        values = {**self.defaults, **overrides}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}"
+            )
+        return cls(replace(cls.Config(), **values))
+
+
+_BUILTINS: tuple[MethodEntry, ...] = (
+    MethodEntry(
+        "kfac",
+        "methods.kfac:KFACInfluence",
+        {},
+        "K-FAC influence, GGN^model (MC-Fisher), K-FAC expand (the paper's method)",
+    ),
+    MethodEntry(
+        "kfac-reduce",
+        "methods.kfac:KFACInfluence",
+        {"kfac_approx": "reduce"},
+        "K-FAC influence, GGN^model, K-FAC reduce",
+    ),
+    MethodEntry(
+        "kfac-empirical",
+        "methods.kfac:KFACInfluence",
+        {"hessian": "ggn-loss"},
+        "K-FAC influence, GGN^loss (empirical Fisher), K-FAC expand",
+    ),
+    MethodEntry(
+        "kfac-empirical-reduce",
+        "methods.kfac:KFACInfluence",
+        {"hessian": "ggn-loss", "kfac_approx": "reduce"},
+        "K-FAC influence, GGN^loss (empirical Fisher), K-FAC reduce",
+    ),
+    MethodEntry(
+        "kfac-mloss",
+        "methods.kfac:KFACInfluence",
+        {"measurement": "loss"},
+        "K-FAC influence with the loss as measurement whatever the target (m. loss)",
+    ),
+    MethodEntry(
+        "ekfac",
+        "methods.kfac:KFACInfluence",
+        {"curvature": "ekfac"},
+        "EK-FAC influence (eigenvalue-corrected K-FAC), GGN^model, expand",
+    ),
+    MethodEntry(
+        "grad-dot",
+        "methods.kfac:KFACInfluence",
+        {"curvature": "identity"},
+        "gradient dot product (identity preconditioner)",
+    ),
+    MethodEntry("trak", "methods.trak:TRAK", {}, "TRAK: projected gradients, GGN^loss"),
+    MethodEntry(
+        "dtrak",
+        "methods.trak:TRAK",
+        {"output_function": "square-norm"},
+        "D-TRAK: TRAK with the square norm ||eps_theta||^2 substituted",
+    ),
+    MethodEntry("clip", "methods.clip:CLIPCosine", {}, "CLIP embedding cosine similarity"),
+    MethodEntry("pixel", "methods.baselines:PixelCosine", {}, "cosine similarity in pixel space"),
+    MethodEntry("random", "methods.baselines:RandomScores", {}, "seeded random scores"),
+    MethodEntry(
+        "retrain",
+        "methods.retrain:ExactRetraining",
+        {},
+        "exact retraining oracle (one model per subset, unseen seed)",
+    ),
+)
+
+
+class MethodRegistry:
+    """Name -> MethodEntry, with built-ins, decorator registrations and entry points."""
+
+    def __init__(self, builtins: tuple[MethodEntry, ...] = ()) -> None:
+        self._entries: dict[str, MethodEntry] = {}
+        self._entry_points_loaded = False
+        for entry in builtins:
+            self.add(entry)
+
+    def add(self, entry: MethodEntry) -> None:
+        if not entry.name or entry.name != entry.name.strip() or " " in entry.name:
+            raise ValueError(f"invalid method name {entry.name!r}: use a non-empty word")
+        existing = self._entries.get(entry.name)
+        if existing is not None:
+            raise DuplicateMethodError(
+                f"method {entry.name!r} is already registered ({existing.origin}: "
+                f"{existing.target!r}); pick another name for {entry.target!r} ({entry.origin})"
+            )
+        self._entries[entry.name] = entry
+
+    def remove(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = getattr(ep.dist, "name", None) or "unknown distribution"
+            self.add(
+                MethodEntry(ep.name, ep.value, {}, f"plugin from {dist}", f"entry-point ({dist})")
+            )
+
+    def reload_entry_points(self) -> None:
+        """Forget entry-point registrations and read the group again (after a pip install)."""
+        self._entries = {
+            k: v for k, v in self._entries.items() if not v.origin.startswith("entry-point")
+        }
+        self._entry_points_loaded = False
+        self._load_entry_points()
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._entries)
+
+    def entries(self) -> Mapping[str, MethodEntry]:
+        self._load_entry_points()
+        return MappingProxyType(dict(sorted(self._entries.items())))
+
+    def get(self, name: str) -> MethodEntry:
+        self._load_entry_points()
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = sorted(self._entries)
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownMethodError(
+                f"unknown method {name!r}.{hint} Known methods: {', '.join(known)}. "
+                "List them with `python -m methods --list`."
+            ) from None
+
+
+REGISTRY = MethodRegistry(_BUILTINS)
+
+
+def register_method(name: str, *, summary: str = "", **defaults: Any):
+    """Class decorator: ``@register_method("my-method")`` adds the class under ``name``."""
+
+    def decorator(cls: type[AttributionMethod]) -> type[AttributionMethod]:
+        if not (isinstance(cls, type) and issubclass(cls, AttributionMethod)):
+            raise TypeError(f"@register_method({name!r}) needs an AttributionMethod subclass")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        REGISTRY.add(
+            MethodEntry(name, cls, defaults, summary or (doc[0] if doc else ""), "decorator")
+        )
+        return cls
+
+    return decorator
+
+
+def get_method(name: str) -> MethodEntry:
+    """The registry entry for ``name``; raises UnknownMethodError listing the known names."""
+    return REGISTRY.get(name)
+
+
+def create_method(name: str, **overrides: Any) -> AttributionMethod:
+    """An instance of method ``name`` with config ``overrides`` applied."""
+    return REGISTRY.get(name).build(**overrides)
+
+
+def available_methods() -> list[str]:
+    """All registered names: built-ins, decorator registrations and installed plugins."""
+    return REGISTRY.names()
