@@ -41,6 +41,9 @@ class MethodContext:
         cache_spec: JSON-able identity of (model, data, queries) to key cache entries with.
         train_fn: ``(train_positions, seed) -> model`` retrains on a subset; used by the
             exact-retraining oracle. None when the runner does not offer retraining.
+        measure_fn: ``model -> # [n_queries]`` the ground truth's measurement protocol (same
+            measurement, MC sample count and common random numbers), so that the oracle
+            measures retrained models exactly as the ground truth does. None when not offered.
         grad_samples: Monte Carlo (t, eps) samples per example for training-loss and
             measurement gradients, the setting's value (App. G.3: 250 on CIFAR). A method's own
             config field, when set, takes precedence.
@@ -60,6 +63,7 @@ class MethodContext:
     cache: ArtifactCache | None = None
     cache_spec: Mapping[str, Any] = field(default_factory=dict)
     train_fn: Callable[[torch.Tensor, int], nn.Module] | None = None
+    measure_fn: Callable[[nn.Module], torch.Tensor] | None = None
     grad_samples: int = 250
     fit_samples: int = 250
     progress: bool = False

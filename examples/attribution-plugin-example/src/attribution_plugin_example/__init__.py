@@ -1,0 +1,1 @@
+"""Example plugin: negative Euclidean distance in pixel space as an attribution score."""

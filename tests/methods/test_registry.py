@@ -1,0 +1,131 @@
+"""The method registry: lookup, variants, errors, decorator and entry-point registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from methods import (
+    AttributionMethod,
+    DuplicateMethodError,
+    UnknownMethodError,
+    available_methods,
+    create_method,
+    get_method,
+)
+from methods.registry import MethodEntry, MethodRegistry, register_method
+
+
+def test_builtin_names_are_listed():
+    names = available_methods()
+    for expected in [
+        "kfac",
+        "kfac-reduce",
+        "kfac-empirical",
+        "trak",
+        "dtrak",
+        "clip",
+        "retrain",
+        "random",
+        "pixel",
+        "grad-dot",
+        "ekfac",
+    ]:
+        assert expected in names
+
+
+def test_unknown_name_lists_known_and_closest():
+    with pytest.raises(UnknownMethodError) as info:
+        get_method("kfca")
+    message = str(info.value)
+    assert "'kfac'" in message  # the closest match
+    assert "trak" in message and "random" in message  # the known names
+
+
+def test_import_of_registry_imports_no_method_module():
+    code = (
+        "import sys, methods; methods.available_methods(); "
+        "print(sorted(m for m in sys.modules if m.startswith('methods.') or m == 'open_clip'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = eval(out.stdout.strip())
+    assert "open_clip" not in loaded
+    assert not {"methods.kfac", "methods.trak", "methods.clip"} & set(loaded)
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    """Test config.
+
+    Attributes:
+        scale: multiplies the scores.
+    """
+
+    scale: float = 1.0
+
+
+class _Constant(AttributionMethod):
+    """Scores every pair with ``scale``."""
+
+    Config = _Cfg
+
+    def score(self, ctx):
+        return np.full((ctx.n_queries, ctx.n_train), self.config.scale)
+
+
+def test_variant_defaults_and_overrides():
+    registry = MethodRegistry(
+        (MethodEntry("const", _Constant), MethodEntry("const2", _Constant, {"scale": 2.0}))
+    )
+    assert registry.get("const").build().config.scale == 1.0
+    assert registry.get("const2").build().config.scale == 2.0
+    assert registry.get("const2").build(scale=3.0).config.scale == 3.0
+    with pytest.raises(ValueError, match="no option"):
+        registry.get("const").build(bogus=1)
+
+
+def test_duplicate_name_raises():
+    registry = MethodRegistry((MethodEntry("const", _Constant),))
+    with pytest.raises(DuplicateMethodError, match="already registered"):
+        registry.add(MethodEntry("const", _Constant))
+
+
+def test_decorator_registration_round_trip():
+    from methods.registry import REGISTRY
+
+    @register_method("test-decorated-constant", scale=5.0)
+    class Decorated(_Constant):
+        """A decorated constant method."""
+
+    try:
+        assert "test-decorated-constant" in available_methods()
+        assert create_method("test-decorated-constant").config.scale == 5.0
+        with pytest.raises(DuplicateMethodError):
+            register_method("test-decorated-constant")(Decorated)
+    finally:
+        REGISTRY.remove("test-decorated-constant")
+
+
+def test_entry_point_plugin_is_registered():
+    entry = get_method("pixel-distance")
+    assert entry.origin.startswith("entry-point")
+    assert entry.load().__name__ == "PixelDistance"
+
+
+def test_bad_target_gives_clear_error():
+    entry = MethodEntry("broken", "methods.does_not_exist:Nope", origin="entry-point (x)")
+    with pytest.raises(ImportError, match="cannot be imported"):
+        entry.load()
+    with pytest.raises(TypeError, match="AttributionMethod subclass"):
+        MethodEntry("notamethod", "builtins:dict").load()
+
+
+def test_cli_lists_methods():
+    out = subprocess.run(
+        [sys.executable, "-m", "methods", "--list"], capture_output=True, text=True, check=True
+    )
+    assert "kfac-reduce" in out.stdout and "kfac_approx='reduce'" in out.stdout
