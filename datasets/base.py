@@ -88,8 +88,9 @@ class ImageDataset:
             A new :class:`ImageDataset` of ``K`` images with the same name; ``indices`` and
             ``labels`` are carried along, so source indices stay valid.
         """
-        pos = torch.as_tensor(np.asarray(positions) if not isinstance(positions, torch.Tensor)
-                              else positions)
+        pos = torch.as_tensor(
+            np.asarray(positions) if not isinstance(positions, torch.Tensor) else positions
+        )
         if pos.ndim != 1:
             raise ValueError(f"subset positions must be 1-D, got shape {tuple(pos.shape)}.")
         n = len(self)
