@@ -27,7 +27,7 @@ class NoiseSchedule:
     beta_end: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.num_timesteps < 1:
+        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
             raise ValueError(
@@ -38,7 +38,9 @@ class NoiseSchedule:
     @cached_property
     def betas(self) -> torch.Tensor:
         """beta_t, shape [T]."""
-        return torch.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=torch.float64)
+        return torch.linspace(
+            self.beta_start, self.beta_end, self.num_timesteps, dtype=torch.float64
+        )
 
     @cached_property
     def alphas(self) -> torch.Tensor:
@@ -71,7 +73,9 @@ class NoiseSchedule:
         (sigma^2 = 0, the reconstruction term) is set to 0, as the paper ignores it.
         """
         sigma2 = self.posterior_variance
-        weights = self.betas**2 / (2.0 * sigma2.clamp_min(1e-300) * self.alphas * (1.0 - self.alpha_bars))
+        weights = self.betas**2 / (
+            2.0 * sigma2.clamp_min(1e-300) * self.alphas * (1.0 - self.alpha_bars)
+        )
         weights[0] = 0.0
         return weights
 
