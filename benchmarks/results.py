@@ -1,0 +1,508 @@
+"""The result-table schema shared by every runner, and reading/writing/formatting it.
+
+A run writes three files into its output directory (:func:`write_results`):
+
+- ``<name>.summary.csv``: one row per evaluated configuration, columns :data:`SUMMARY_COLUMNS`
+  (plus any extra columns a runner wants, e.g. ``dataset``, ``bits``, ``n_mc_samples``);
+- ``<name>.per_query.csv``: the per-query LDS in long form, columns :data:`PER_QUERY_COLUMNS`
+  (plus extras), so paired differences can be recomputed from stored files;
+- ``<name>.provenance.json``: the provenance dictionary (commit, versions, device, timings...).
+
+Every file is written atomically (temporary file in the same directory, then ``os.replace``),
+and the summary is written last, so a reader that finds ``<name>.summary.csv`` also finds the
+other two complete.
+
+Columns of the summary table:
+
+======================  ========================================================================
+``method``              registered method name (``kfac``, ``trak``, ``retrain``, ...), or
+                        :data:`NOISE_CEILING_METHOD` for the seed-to-seed ceiling.
+``measurement``         the measurement the method used inside its approximation (``loss``,
+                        ``elbo``, ``square-norm``, ``timestep-loss:<t>``, ...).
+``target``              the measurement whose change is predicted (the ground truth).
+``damping``             damping as if added to the Hessian of the N-normalised loss; NaN when
+                        the method has none.
+``preset``              the setting preset (``smoke``, ``quick``, ``cifar2``, ...).
+``lds_mean``            mean LDS over queries, as a fraction in [-1, 1] (NaN unless ``ok``).
+``lds_se``              standard error of that mean.
+``n_queries``           number of queries with a defined LDS (see ``benchmarks.metrics``).
+``status``              ``ok`` | ``unavailable`` (e.g. missing CLIP weights) | ``failed``.
+``reason``              why it is not ``ok`` (empty when ``ok``).
+``seconds``             wall time of the method (scoring), NaN when unknown.
+``peak_memory_mb``      peak memory of the method in MiB, NaN when unknown.
+======================  ========================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.metrics import summarize
+
+__all__ = [
+    "KEY_COLUMNS",
+    "NOISE_CEILING_METHOD",
+    "PAPER_DEFAULT_DAMPING",
+    "PER_QUERY_COLUMNS",
+    "STATUSES",
+    "SUMMARY_COLUMNS",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "best_and_default",
+    "format_lds",
+    "format_table",
+    "load_results",
+    "per_query_frame",
+    "result_row",
+    "validate_per_query",
+    "validate_summary",
+    "write_results",
+]
+
+KEY_COLUMNS: tuple[str, ...] = ("method", "measurement", "target", "damping")
+"""Columns identifying one evaluated configuration (together with ``preset`` and extras)."""
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "method",
+    "measurement",
+    "target",
+    "damping",
+    "preset",
+    "lds_mean",
+    "lds_se",
+    "n_queries",
+    "status",
+    "reason",
+    "seconds",
+    "peak_memory_mb",
+)
+"""Required columns of a summary table, in this order (extra columns follow)."""
+
+PER_QUERY_COLUMNS: tuple[str, ...] = ("method", "measurement", "target", "damping", "query", "lds")
+"""Required columns of a per-query table (long form; extra columns such as ``preset`` follow)."""
+
+STATUSES: tuple[str, ...] = ("ok", "unavailable", "failed")
+"""Allowed values of the ``status`` column."""
+
+NOISE_CEILING_METHOD = "noise-ceiling"
+"""``method`` value of rows holding :func:`benchmarks.metrics.noise_ceiling` summaries."""
+
+PAPER_DEFAULT_DAMPING: dict[str, float] = {
+    "kfac": 1e-8,
+    "kfac-reduce": 1e-8,
+    "kfac-empirical": 1e-8,
+    "kfac-empirical-reduce": 1e-8,
+    "trak": 1e-9,
+    "dtrak": 1e-9,
+}
+"""The paper's "default" damping per method (App. G.4): 1e-8 for K-FAC influence, the lowest
+numerically stable 1e-9 for TRAK-based methods (N-normalised convention)."""
+
+_GROUP_EXTRAS: tuple[str, ...] = ("preset", "dataset")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+_SUMMARY_SUFFIX = ".summary.csv"
+_PER_QUERY_SUFFIX = ".per_query.csv"
+_PROVENANCE_SUFFIX = ".provenance.json"
+
+
+# ---------------------------------------------------------------- building rows
+
+
+def result_row(
+    method: str,
+    measurement: str,
+    target: str,
+    damping: float | None,
+    lds: np.ndarray | None,
+    *,
+    preset: str,
+    status: str = "ok",
+    reason: str = "",
+    seconds: float | None = None,
+    peak_memory_mb: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One summary row; ``lds_mean``/``lds_se``/``n_queries`` come from ``lds`` ([n_queries]).
+
+    ``lds`` may be None only when ``status`` is not ``ok`` (then the LDS columns are NaN/0).
+    ``extra`` keyword arguments become extra columns.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {status!r}.")
+    if status == "ok":
+        if lds is None:
+            raise ValueError("an 'ok' row needs its per-query LDS values.")
+        if reason:
+            raise ValueError("reason is for rows that are not 'ok'; leave it empty.")
+    elif not reason:
+        raise ValueError(f"a {status!r} row needs a reason (what went wrong and how to fix it).")
+    if lds is None:
+        mean, se, n = math.nan, math.nan, 0
+    else:
+        mean, se, n = summarize(np.asarray(lds, dtype=np.float64))
+    row = {
+        "method": method,
+        "measurement": measurement,
+        "target": target,
+        "damping": math.nan if damping is None else float(damping),
+        "preset": preset,
+        "lds_mean": mean,
+        "lds_se": se,
+        "n_queries": n,
+        "status": status,
+        "reason": reason,
+        "seconds": math.nan if seconds is None else float(seconds),
+        "peak_memory_mb": math.nan if peak_memory_mb is None else float(peak_memory_mb),
+    }
+    clash = set(extra) & set(row)
+    if clash:
+        raise ValueError(f"extra columns {sorted(clash)} clash with the schema's columns.")
+    row.update(extra)
+    return row
+
+
+def per_query_frame(
+    method: str,
+    measurement: str,
+    target: str,
+    damping: float | None,
+    lds: np.ndarray,
+    **extra: Any,
+) -> pd.DataFrame:
+    """Long per-query table for one configuration: ``lds`` is ``[n_queries]`` (query = index)."""
+    lds = np.asarray(lds, dtype=np.float64)
+    if lds.ndim != 1:
+        raise ValueError(f"lds must be 1-D [n_queries], got shape {lds.shape}.")
+    frame = pd.DataFrame(
+        {
+            "method": method,
+            "measurement": measurement,
+            "target": target,
+            "damping": math.nan if damping is None else float(damping),
+            "query": np.arange(lds.size, dtype=np.int64),
+            "lds": lds,
+        }
+    )
+    for key, value in extra.items():
+        if key in frame.columns:
+            raise ValueError(f"extra column {key!r} clashes with the schema's columns.")
+        frame[key] = value
+    return frame
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require_columns(df: pd.DataFrame, required: Iterable[str], what: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{what} is missing column(s) {missing}; required: {list(required)} "
+            "(see benchmarks.results)."
+        )
+
+
+def validate_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Check a summary table and return it with normalised dtypes (columns in schema order)."""
+    _require_columns(df, SUMMARY_COLUMNS, "summary table")
+    out = df.copy()
+    bad = sorted(set(out["status"].astype(str)) - set(STATUSES))
+    if bad:
+        raise ValueError(f"summary table has unknown status value(s) {bad}; allowed {STATUSES}.")
+    for column in ("damping", "lds_mean", "lds_se", "seconds", "peak_memory_mb"):
+        out[column] = pd.to_numeric(out[column], errors="raise").astype(np.float64)
+    out["n_queries"] = pd.to_numeric(out["n_queries"], errors="raise").astype(np.int64)
+    out["reason"] = ["" if pd.isna(v) else str(v) for v in out["reason"]]
+    for column in ("method", "measurement", "target", "preset", "status"):
+        out[column] = out[column].astype(str)
+    extras = [c for c in out.columns if c not in SUMMARY_COLUMNS]
+    return out[list(SUMMARY_COLUMNS) + extras].reset_index(drop=True)
+
+
+def validate_per_query(df: pd.DataFrame) -> pd.DataFrame:
+    """Check a per-query table and return it with normalised dtypes."""
+    _require_columns(df, PER_QUERY_COLUMNS, "per-query table")
+    out = df.copy()
+    out["damping"] = pd.to_numeric(out["damping"], errors="raise").astype(np.float64)
+    out["lds"] = pd.to_numeric(out["lds"], errors="raise").astype(np.float64)
+    out["query"] = pd.to_numeric(out["query"], errors="raise").astype(np.int64)
+    for column in ("method", "measurement", "target"):
+        out[column] = out[column].astype(str)
+    extras = [c for c in out.columns if c not in PER_QUERY_COLUMNS]
+    return out[list(PER_QUERY_COLUMNS) + extras].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- writing and loading
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, then
+    ``os.replace``): readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(
+        f"provenance value of type {type(value).__name__} is not JSON-serialisable; convert it "
+        "to str/int/float/list/dict before calling write_results."
+    )
+
+
+def write_results(
+    out_dir: str | Path,
+    summary_df: pd.DataFrame,
+    per_query_df: pd.DataFrame,
+    provenance: Mapping[str, Any],
+    name: str,
+) -> dict[str, Path]:
+    """Write a run's summary, per-query table and provenance atomically into ``out_dir``.
+
+    Files: ``<name>.per_query.csv``, ``<name>.provenance.json``, then ``<name>.summary.csv``
+    (last: its presence marks a complete run). An existing run of the same name is replaced.
+
+    Returns:
+        ``{"summary": path, "per_query": path, "provenance": path}``.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"result name {name!r} must start with a letter or digit and contain only letters, "
+            "digits and _ . + = - (no path separators)."
+        )
+    if not isinstance(provenance, Mapping):
+        raise ValueError(f"provenance must be a dict, got {type(provenance).__name__}.")
+    summary = validate_summary(summary_df)
+    per_query = validate_per_query(per_query_df)
+    provenance_text = json.dumps(dict(provenance), indent=2, sort_keys=True, default=_json_default)
+    out_dir = Path(out_dir)
+    paths = {
+        "per_query": out_dir / f"{name}{_PER_QUERY_SUFFIX}",
+        "provenance": out_dir / f"{name}{_PROVENANCE_SUFFIX}",
+        "summary": out_dir / f"{name}{_SUMMARY_SUFFIX}",
+    }
+    atomic_write_text(paths["per_query"], per_query.to_csv(index=False, float_format="%.17g"))
+    atomic_write_text(paths["provenance"], provenance_text + "\n")
+    atomic_write_text(paths["summary"], summary.to_csv(index=False, float_format="%.17g"))
+    return paths
+
+
+def _summary_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    found: list[Path] = []
+    for item in items:
+        item = Path(item)
+        if item.is_dir():
+            found.extend(sorted(item.rglob(f"*{_SUMMARY_SUFFIX}")))
+        elif item.is_file() and item.name.endswith(_SUMMARY_SUFFIX):
+            found.append(item)
+        elif item.is_file():
+            raise ValueError(f"{item} is not a '*{_SUMMARY_SUFFIX}' file written by write_results.")
+        else:
+            raise FileNotFoundError(f"result path {item} does not exist.")
+    return [p for p in found if not p.name.startswith(".tmp-")]
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    # Only empty cells are missing: a measurement or reason spelled "None" or "NA" stays text.
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def load_results(
+    paths: str | Path | Iterable[str | Path],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Load and concatenate runs written by :func:`write_results`.
+
+    Args:
+        paths: a directory (searched recursively for ``*.summary.csv``), a summary CSV file, or
+            an iterable of both.
+
+    Returns:
+        ``(summary_df, per_query_df)``, validated, each with an added ``run`` column (the run
+        name, i.e. the file name without its suffix). A run without its per-query file
+        contributes no per-query rows (with a warning).
+    """
+    summary_paths = _summary_paths(paths)
+    if not summary_paths:
+        raise FileNotFoundError(
+            f"no '*{_SUMMARY_SUFFIX}' result files found in {paths}; run a benchmark first "
+            "(e.g. python -m benchmarks.lds) or point to its output directory."
+        )
+    summaries, per_queries = [], []
+    for path in summary_paths:
+        run = path.name[: -len(_SUMMARY_SUFFIX)]
+        summary = validate_summary(_read_csv(path))
+        summary["run"] = run
+        summaries.append(summary)
+        pq_path = path.with_name(f"{run}{_PER_QUERY_SUFFIX}")
+        if pq_path.is_file():
+            per_query = validate_per_query(_read_csv(pq_path))
+            per_query["run"] = run
+            per_queries.append(per_query)
+        else:
+            warnings.warn(f"{pq_path} is missing; no per-query LDS for run {run!r}.", stacklevel=2)
+    summary_df = pd.concat(summaries, ignore_index=True)
+    if per_queries:
+        per_query_df = pd.concat(per_queries, ignore_index=True)
+    else:
+        per_query_df = pd.DataFrame(columns=[*PER_QUERY_COLUMNS, "run"])
+    return summary_df, per_query_df
+
+
+# ---------------------------------------------------------------- presenting
+
+
+def _fmt_number(value: float, fmt: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt % value
+
+
+def format_lds(mean: float, se: float) -> str:
+    """``"21.5 ± 0.9"`` (percent) from fractions; ``"—"`` when undefined."""
+    if mean is None or math.isnan(mean):
+        return "—"
+    if se is None or math.isnan(se):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * se:.1f}"
+
+
+def format_table(summary_df: pd.DataFrame) -> str:
+    """A plain-text table of a summary for the terminal, one line per row, in input order.
+
+    Columns: method | measurement | target | damping | LDS % mean ± s.e. | n | seconds |
+    peak MB | status (with the reason when not ``ok``).
+    """
+    df = validate_summary(summary_df)
+    header = [
+        "method",
+        "measurement",
+        "target",
+        "damping",
+        "LDS % mean ± s.e.",
+        "n",
+        "seconds",
+        "peak MB",
+        "status",
+    ]
+    rows = []
+    for r in df.itertuples(index=False):
+        ok = r.status == "ok"
+        rows.append(
+            [
+                r.method,
+                r.measurement,
+                r.target,
+                _fmt_number(r.damping, "%.0e"),
+                format_lds(r.lds_mean, r.lds_se) if ok else "—",
+                str(r.n_queries) if ok else "—",
+                _fmt_number(r.seconds, "%.1f"),
+                _fmt_number(r.peak_memory_mb, "%.0f"),
+                r.status if ok else f"{r.status}: {r.reason}",
+            ]
+        )
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(header)
+    ]
+    right = {3, 4, 5, 6, 7}
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return " | ".join(parts).rstrip()
+
+    out = [line(header), "-+-".join("-" * w for w in widths)]
+    out.extend(line(row) for row in rows)
+    return "\n".join(out)
+
+
+def _group_columns(df: pd.DataFrame) -> list[str]:
+    return ["method", "measurement", "target"] + [c for c in _GROUP_EXTRAS if c in df.columns]
+
+
+def best_and_default(
+    summary_df: pd.DataFrame,
+    default_damping: Mapping[str, float],
+) -> pd.DataFrame:
+    """Per method (and measurement, target, preset, dataset): the best- and default-damping rows.
+
+    Figure 2 convention: the best damping's LDS is the headline number, the default damping's
+    LDS is shown in brackets. ``best`` is the ``ok`` row with the highest ``lds_mean`` (first one
+    on ties); ``default`` is the ``ok`` row whose damping equals ``default_damping[method]``
+    (relative tolerance 1e-9). A method without damping (all NaN) or without an entry in
+    ``default_damping`` has ``default`` = ``best`` only when it has a single row, else NaN.
+
+    Returns:
+        One row per group, in first-appearance order, columns: the group columns, ``status``
+        (``ok`` when a best row exists, else the group's first status), ``reason``,
+        ``damping_best``, ``lds_best``, ``se_best``, ``n_best``, ``damping_default``,
+        ``lds_default``, ``se_default``, ``n_default``.
+    """
+    df = validate_summary(summary_df)
+    groups = _group_columns(df)
+    records = []
+    for key, group in df.groupby(groups, sort=False, dropna=False):
+        record = dict(zip(groups, key, strict=True))
+        ok = group[group["status"] == "ok"]
+        ok = ok[ok["lds_mean"].notna()]
+        nan = {"damping": math.nan, "lds_mean": math.nan, "lds_se": math.nan, "n_queries": 0}
+        if ok.empty:
+            first = group.iloc[0]
+            record.update(status=first["status"], reason=first["reason"])
+            if first["status"] == "ok":  # ok rows but no defined LDS at all
+                record.update(status="failed", reason="no query has a defined LDS")
+            best = default = nan
+        else:
+            record.update(status="ok", reason="")
+            best = ok.loc[ok["lds_mean"].idxmax()]
+            method = record["method"]
+            if method in default_damping:
+                wanted = float(default_damping[method])
+                hit = ok[np.isclose(ok["damping"], wanted, rtol=1e-9, atol=0.0)]
+                default = hit.iloc[0] if len(hit) else nan
+            elif len(ok) == 1:
+                default = best
+            else:
+                default = nan
+        for suffix, row in (("best", best), ("default", default)):
+            record[f"damping_{suffix}"] = float(row["damping"])
+            record[f"lds_{suffix}"] = float(row["lds_mean"])
+            record[f"se_{suffix}"] = float(row["lds_se"])
+            record[f"n_{suffix}"] = int(row["n_queries"])
+        records.append(record)
+    return pd.DataFrame.from_records(records)
