@@ -48,6 +48,7 @@ class MethodContext:
             measurement gradients, the setting's value (App. G.3: 250 on CIFAR). A method's own
             config field, when set, takes precedence.
         fit_samples: Monte Carlo samples per example for fitting curvature (K-FAC factors).
+        query_samples: Monte Carlo samples per query for measurement gradients.
         progress: show progress bars.
     """
 
@@ -66,6 +67,7 @@ class MethodContext:
     measure_fn: Callable[[nn.Module], torch.Tensor] | None = None
     grad_samples: int = 250
     fit_samples: int = 250
+    query_samples: int = 250
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -74,11 +76,9 @@ class MethodContext:
                 "train_images and query_images must be [N, C, H, W]; got "
                 f"{tuple(self.train_images.shape)} and {tuple(self.query_images.shape)}"
             )
-        if self.grad_samples < 1 or self.fit_samples < 1:
-            raise ValueError(
-                f"grad_samples and fit_samples must be >= 1, got {self.grad_samples} and "
-                f"{self.fit_samples}"
-            )
+        for name in ("grad_samples", "fit_samples", "query_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_images.shape[1:] != self.query_images.shape[1:]:
             raise ValueError(
                 f"train image shape {tuple(self.train_images.shape[1:])} differs from query "

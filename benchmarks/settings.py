@@ -1,0 +1,433 @@
+"""Benchmark settings: the one source of truth for sizes, and the presets.
+
+A :class:`Setting` fixes the data set, the model, both training recipes, the number of queries,
+subsets and seeds of the LDS benchmark and every Monte Carlo sample count. Runners take a preset
+(``--preset quick``) and optional overrides (:meth:`Setting.replace`); artifacts are keyed by
+:meth:`Setting.fingerprint` of the part they depend on, so e.g. changing the number of subsets M
+keeps the cached base model, queries and already retrained subset models.
+
+Presets (:data:`PRESETS`):
+
+- ``smoke``: seconds on a 2-core CPU (tests and CI): 64 digits, an 18k-parameter U-Net,
+  150 training steps, 4 queries, 6 subsets x 1 seed, 16-32 MC samples.
+- ``quick``: the default of every CLI: the 357 images of ``digits2``, ``UNetConfig.tiny()``
+  (72k parameters), 1500 steps at batch 64, 32 queries, 32 subsets x 2 seeds, 256 MC samples for
+  the ground truth and 64 for gradients; the first LDS run takes minutes on a laptop CPU.
+- ``cifar2`` / ``cifar10``: the paper's protocol (App. G.5-G.7): Ho et al.'s CIFAR U-Net, batch
+  128, lr 2e-4, 5000 warmup steps, gradient clipping at 1, horizontal flips; CIFAR-2 32k steps
+  (full) / 16k (subsets) with a cosine schedule, CIFAR-10 160k / 80k with a constant one;
+  100 subsets x 5 seeds, 200 queries, 5000 MC samples for the ground truth, 250 for every
+  gradient and GGN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from benchmarks.store import to_jsonable
+from datasets import DATASET_NAMES
+from diffusion.schedule import NoiseSchedule
+from diffusion.train import TrainConfig
+from diffusion.unet import UNetConfig
+
+__all__ = [
+    "FINGERPRINT_PARTS",
+    "FINGERPRINT_VERSION",
+    "PRESETS",
+    "Setting",
+    "get_preset",
+]
+
+FINGERPRINT_VERSION = 1
+"""Bump to invalidate every cached artifact when code changes what a fingerprint produces."""
+
+#: Image shape [C, H, W] of each data set, to check the U-Net against without loading data.
+_IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8),
+    "digits2": (1, 8, 8),
+    "cifar10": (3, 32, 32),
+    "cifar2": (3, 32, 32),
+}
+
+_DATA = ("dataset", "n_train")
+_BASE_MODEL = (*_DATA, "unet", "train", "schedule", "seed")
+_QUERIES = (*_BASE_MODEL, "n_queries")
+_SUBSETS = (*_DATA, "subset_fraction", "seed")
+_SUBSET_MODEL = (*_DATA, "unet", "subset_train", "schedule", "subset_fraction", "seed")
+
+FINGERPRINT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        # The (capped) training set.
+        "data": _DATA,
+        # The model trained on the full training set.
+        "base_model": _BASE_MODEL,
+        # The generated queries (samples of the base model) and their trajectories.
+        "queries": _QUERIES,
+        # The random subsets; the caller adds the subset index. Not M: subset i must be the
+        # same whatever M is (draw each subset from its own index-derived seed).
+        "subsets": _SUBSETS,
+        # One retrained subset model; the caller adds the subset index/positions and model seed.
+        "subset_model": _SUBSET_MODEL,
+        # Ground-truth measurements of one subset model on the queries; caller adds the
+        # measurement name and the subset/seed identity.
+        "groundtruth": tuple(dict.fromkeys((*_SUBSET_MODEL, *_QUERIES, "gt_mc_samples"))),
+        # A method's scores; the caller adds the method name, its config and the measurement.
+        "method": (*_QUERIES, "grad_mc_samples", "kfac_mc_samples", "query_grad_mc_samples"),
+        # Retraining without top influences: models trained like the base model without some
+        # examples, measured on the queries; the caller adds the removed positions.
+        "retrain": (*_QUERIES, "gt_mc_samples"),
+        # A whole LDS run.
+        "lds": (
+            *dict.fromkeys((*_SUBSET_MODEL, *_QUERIES)),
+            "n_subsets",
+            "n_seeds",
+            "gt_mc_samples",
+            "grad_mc_samples",
+            "kfac_mc_samples",
+            "query_grad_mc_samples",
+        ),
+    }
+)
+"""Artifact part -> the Setting fields its artifacts depend on (see :meth:`Setting.fingerprint`)."""
+
+_NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _closest(name: str, options: Any) -> str:
+    close = difflib.get_close_matches(str(name), list(options), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Everything that sizes a benchmark run.
+
+    Attributes:
+        name: a label (the preset's name, or e.g. ``"quick+M64"``); not part of any fingerprint.
+        dataset: data set name, one of ``datasets.DATASET_NAMES``.
+        n_train: cap on the training set: its first ``n_train`` images (in the data set's stable
+            order); None uses all of them. >= 2 when given.
+        unet: the U-Net architecture of every model (base, subset and retrained models); its
+            image shape must match the data set's.
+        train: training recipe of the base model (trained on the full training set) and of the
+            models retrained without top influences (App. G.6: "the same procedure").
+        subset_train: training recipe of the LDS subset models (App. G.7: half the steps of the
+            full model on CIFAR, i.e. the same number of epochs on 50% subsets).
+        n_queries: number of generated samples attributed (App. G.5: 200). >= 1.
+        n_subsets: M, the number of random training subsets of the LDS (App. G.5: 100). >= 3,
+            as the LDS is a Spearman correlation across subsets.
+        n_seeds: K, models trained per subset with different seeds; the ground truth is their
+            average measurement (App. G.5: 5). >= 1.
+        subset_fraction: fraction of the training set in each LDS subset, in (0, 1) (paper 0.5).
+        gt_mc_samples: Monte Carlo (t, eps) samples per query for ground-truth measurements of
+            retrained models (App. G.5: 5000). >= 1.
+        grad_mc_samples: Monte Carlo samples per training example for the training-loss
+            gradients of methods (App. G.3: 250). >= 1.
+        kfac_mc_samples: Monte Carlo samples per training example for fitting curvature
+            (K-FAC / GGN factors) (App. G.3: 250). >= 1.
+        query_grad_mc_samples: Monte Carlo samples per query for measurement gradients
+            (App. G.3: 250). >= 1.
+        n_retrain_queries: queries used by the retraining-without-top-influences benchmark (the
+            first ones), in [1, n_queries] (App. G.6: 5).
+        retrain_fractions: fractions of the training set removed in that benchmark, each in
+            (0, 1), distinct (App. G.6: 2% and 10%).
+        seed: master seed of the run (base model, queries, subsets, MC draws are derived from
+            it), in [0, 2**63).
+        schedule: the DDPM noise schedule (paper: T = 1000, linear 1e-4..0.02).
+    """
+
+    name: str
+    dataset: str
+    n_train: int | None
+    unet: UNetConfig
+    train: TrainConfig
+    subset_train: TrainConfig
+    n_queries: int
+    n_subsets: int
+    n_seeds: int
+    gt_mc_samples: int
+    grad_mc_samples: int
+    kfac_mc_samples: int
+    query_grad_mc_samples: int
+    subset_fraction: float = 0.5
+    n_retrain_queries: int = 5
+    retrain_fractions: tuple[float, ...] = (0.02, 0.10)
+    seed: int = 0
+    schedule: NoiseSchedule = dataclasses.field(default_factory=NoiseSchedule)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Setting.name must be a non-empty str, got {self.name!r}")
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(
+                f"Setting.dataset must be one of {', '.join(DATASET_NAMES)}, got "
+                f"{self.dataset!r}.{_closest(self.dataset, DATASET_NAMES)}"
+            )
+        if self.n_train is not None and (not _is_int(self.n_train) or self.n_train < 2):
+            raise ValueError(
+                f"Setting.n_train must be None (all images) or an int >= 2, got {self.n_train!r}"
+            )
+        for field, cls in (*_NESTED.items(), ("schedule", NoiseSchedule)):
+            value = getattr(self, field)
+            if not isinstance(value, cls):
+                raise ValueError(
+                    f"Setting.{field} must be a {cls.__name__}, got {type(value).__name__}"
+                )
+        shape = _IMAGE_SHAPES.get(self.dataset)
+        if shape is not None and (self.unet.image_channels, self.unet.image_size) != shape[:2]:
+            raise ValueError(
+                f"Setting.unet has image_channels={self.unet.image_channels}, image_size="
+                f"{self.unet.image_size}, but {self.dataset!r} images are {shape[0]}x{shape[1]}x"
+                f"{shape[2]} (C x H x W): use a UNetConfig for that shape"
+            )
+        minimum = {
+            "n_queries": 1,
+            "n_subsets": 3,
+            "n_seeds": 1,
+            "gt_mc_samples": 1,
+            "grad_mc_samples": 1,
+            "kfac_mc_samples": 1,
+            "query_grad_mc_samples": 1,
+            "n_retrain_queries": 1,
+        }
+        for field, low in minimum.items():
+            value = getattr(self, field)
+            if not _is_int(value) or value < low:
+                why = (
+                    " (the LDS is a rank correlation across subsets)"
+                    if field == "n_subsets"
+                    else ""
+                )
+                raise ValueError(f"Setting.{field} must be an int >= {low}{why}, got {value!r}")
+        if self.n_retrain_queries > self.n_queries:
+            raise ValueError(
+                f"Setting.n_retrain_queries={self.n_retrain_queries} exceeds n_queries="
+                f"{self.n_queries}: the retraining benchmark uses the first n_retrain_queries"
+            )
+        if not isinstance(self.subset_fraction, int | float) or isinstance(
+            self.subset_fraction, bool
+        ):
+            raise ValueError(
+                f"Setting.subset_fraction must be a float, got {self.subset_fraction!r}"
+            )
+        if not 0.0 < self.subset_fraction < 1.0:
+            raise ValueError(
+                f"Setting.subset_fraction must lie in (0, 1), got {self.subset_fraction!r}"
+            )
+        if isinstance(self.retrain_fractions, list):
+            object.__setattr__(self, "retrain_fractions", tuple(self.retrain_fractions))
+        fractions = self.retrain_fractions
+        if (
+            not isinstance(fractions, tuple)
+            or not fractions
+            or not all(
+                isinstance(f, int | float) and not isinstance(f, bool) and 0.0 < f < 1.0
+                for f in fractions
+            )
+            or len(set(fractions)) != len(fractions)
+        ):
+            raise ValueError(
+                "Setting.retrain_fractions must be a non-empty tuple of distinct floats in "
+                f"(0, 1), got {fractions!r}"
+            )
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"Setting.seed must be an int in [0, 2**63), got {self.seed!r}")
+
+    # ---- derived views ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as JSON types (nested configs as dicts); inverse of :meth:`from_dict`."""
+        return to_jsonable(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Setting:
+        """Rebuild a Setting from :meth:`to_dict` output (e.g. a result file's config)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown Setting fields {unknown}; known: {sorted(names)}."
+                f"{_closest(unknown[0], names)}"
+            )
+        kwargs = dict(data)
+        for field, sub in (*_NESTED.items(), ("schedule", NoiseSchedule)):
+            if isinstance(kwargs.get(field), Mapping):
+                kwargs[field] = _build(sub, kwargs[field], f"Setting.{field}")
+        if isinstance(kwargs.get("retrain_fractions"), list):
+            kwargs["retrain_fractions"] = tuple(kwargs["retrain_fractions"])
+        return cls(**kwargs)
+
+    def fingerprint(self, part: str) -> dict[str, Any]:
+        """The JSON-able sub-dict of this setting that ``part``'s artifacts depend on.
+
+        Use it as (part of) the spec of an :class:`benchmarks.store.ArtifactStore` entry, adding
+        what identifies the single artifact (subset index, model seed, measurement, method):
+        e.g. ``{"setting": s.fingerprint("subset_model"), "subset": 3, "model_seed": 1}``.
+        ``part`` is one of :data:`FINGERPRINT_PARTS`; each fingerprint holds only the fields
+        listed there plus ``fingerprint_version``, so that changing M (``n_subsets``) keeps the
+        base model, the queries and the subset models, and the preset ``name`` never matters.
+
+        Raises:
+            ValueError: unknown ``part`` (the message lists the parts).
+        """
+        fields = FINGERPRINT_PARTS.get(part)
+        if fields is None:
+            raise ValueError(
+                f"unknown fingerprint part {part!r}; known parts: "
+                f"{', '.join(FINGERPRINT_PARTS)}.{_closest(part, FINGERPRINT_PARTS)}"
+            )
+        out = {name: to_jsonable(getattr(self, name)) for name in fields}
+        out["fingerprint_version"] = FINGERPRINT_VERSION
+        return out
+
+    def replace(self, **overrides: Any) -> Setting:
+        """A copy with some fields replaced (validated again).
+
+        Nested configs accept a dict of their own fields, which replaces only those:
+        ``s.replace(n_subsets=64, train={"steps": 500})``.
+
+        Raises:
+            ValueError: an unknown field (with the closest match) or an invalid value.
+        """
+        names = [f.name for f in dataclasses.fields(self)]
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in names:
+                raise ValueError(
+                    f"unknown Setting field {key!r}; fields: {', '.join(names)}."
+                    f"{_closest(key, names)}"
+                )
+            nested_cls = _NESTED.get(key) or (NoiseSchedule if key == "schedule" else None)
+            if nested_cls is not None and isinstance(value, Mapping):
+                current = to_jsonable(getattr(self, key))
+                value = _build(nested_cls, {**current, **value}, f"Setting.{key}")
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """``cls(**values)`` with unknown keys reported as a ValueError naming ``where``."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise ValueError(
+            f"unknown {where} fields {unknown}; {cls.__name__} has: {', '.join(names)}."
+            f"{_closest(unknown[0], names)}"
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def _smoke() -> Setting:
+    unet = dataclasses.replace(UNetConfig.tiny(), base_channels=8)  # 18,521 parameters
+    train = TrainConfig(
+        steps=150, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup_steps=10, grad_clip=1.0
+    )
+    return Setting(
+        name="smoke",
+        dataset="digits2",
+        n_train=64,
+        unet=unet,
+        train=train,
+        subset_train=train,
+        n_queries=4,
+        n_subsets=6,
+        n_seeds=1,
+        gt_mc_samples=32,
+        grad_mc_samples=16,
+        kfac_mc_samples=16,
+        query_grad_mc_samples=16,
+        n_retrain_queries=2,
+    )
+
+
+def _quick() -> Setting:
+    train = TrainConfig(
+        steps=1500, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup_steps=50, grad_clip=1.0
+    )
+    return Setting(
+        name="quick",
+        dataset="digits2",
+        n_train=None,
+        unet=UNetConfig.tiny(),
+        train=train,
+        subset_train=train,
+        n_queries=32,
+        n_subsets=32,
+        n_seeds=2,
+        gt_mc_samples=256,
+        grad_mc_samples=64,
+        kfac_mc_samples=64,
+        query_grad_mc_samples=64,
+    )
+
+
+def _cifar(name: str, full_steps: int, lr_schedule: str) -> Setting:
+    def recipe(steps: int) -> TrainConfig:
+        # Ho et al. (2020): Adam, lr 2e-4, batch 128, 5000 warmup steps, clip 1, random flips.
+        return TrainConfig(
+            steps=steps,
+            batch_size=128,
+            lr=2e-4,
+            lr_schedule=lr_schedule,
+            warmup_steps=5000,
+            grad_clip=1.0,
+            hflip=True,
+        )
+
+    return Setting(
+        name=name,
+        dataset=name,
+        n_train=None,
+        unet=UNetConfig.cifar(),
+        train=recipe(full_steps),
+        subset_train=recipe(full_steps // 2),
+        n_queries=200,
+        n_subsets=100,
+        n_seeds=5,
+        gt_mc_samples=5000,
+        grad_mc_samples=250,
+        kfac_mc_samples=250,
+        query_grad_mc_samples=250,
+    )
+
+
+PRESETS: Mapping[str, Setting] = MappingProxyType(
+    {
+        "smoke": _smoke(),
+        "quick": _quick(),
+        "cifar2": _cifar("cifar2", 32_000, "cosine"),
+        "cifar10": _cifar("cifar10", 160_000, "constant"),
+    }
+)
+"""The presets by name (read-only)."""
+
+
+def get_preset(name: str) -> Setting:
+    """The preset ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the presets and the closest match.
+    """
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown preset {name!r}; presets: {', '.join(PRESETS)}.{_closest(name, PRESETS)}"
+        ) from None
