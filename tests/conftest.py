@@ -37,6 +37,11 @@ def write_fake_distribution(site: Path, project: Path) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Test models are tiny: one intra-op thread is faster than two, and an oversubscribed
+    # OpenMP pool (tests beside other work on 2 cores) is 100x slower.
+    import torch
+
+    torch.set_num_threads(1)
     site = Path(tempfile.mkdtemp(prefix="fake-site-"))
     write_fake_distribution(site, EXAMPLE_PLUGIN)
     sys.path[:0] = [str(site), str(EXAMPLE_PLUGIN / "src")]

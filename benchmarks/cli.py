@@ -1,0 +1,33 @@
+"""Shared command-line plumbing: usage errors become one clear line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Turn bad input into ``prog: error: <message>`` and exit status 2 (argparse's own
+    convention); failed tasks exit with status 1 and name the failed keys. Work already done is
+    in the artifact store either way, so the same command resumes after the fix."""
+    from benchmarks.executors import TaskFailedError
+    from benchmarks.store import CacheMismatchError, CorruptArtifactError
+    from datasets import DatasetUnavailableError
+    from methods import UnknownMethodError
+
+    try:
+        yield
+    except (
+        UnknownMethodError,
+        DatasetUnavailableError,
+        CacheMismatchError,
+        CorruptArtifactError,
+        ValueError,
+    ) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except TaskFailedError as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

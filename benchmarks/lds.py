@@ -1,0 +1,446 @@
+"""Linear Datamodelling Score (LDS) benchmark: ``python -m benchmarks.lds --method kfac``.
+
+Trains (or loads) the base model, samples the queries, builds (or loads) the ground truth of
+M subsets x K seeds, runs every requested method, and prints and writes a table of LDS (mean
++- standard error over queries), seconds and peak memory, with the noise ceiling (seed-to-seed
+agreement of the ground truth) and paired differences between methods. Everything expensive is
+cached in the artifact store, so a second method reuses the ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+DEFAULT_CACHE_DIR = ".cache/harness"
+DEFAULT_SWEEP = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1e1, 1e3)
+
+
+@dataclass(frozen=True)
+class LDSConfig:
+    """What an LDS run does.
+
+    Attributes:
+        methods: registry names to evaluate, in table order (the first is the reference of the
+            paired differences).
+        preset: setting preset (``benchmarks.settings.PRESETS``).
+        targets: measurements the ground truth records and the methods predict.
+        measurement: measurement the methods differentiate; None = each target itself
+            ("loss" with target "elbo" is the paper's "m. loss").
+        damping: damping for every method with a damping option; None = each method's default.
+        damping_sweep: evaluate methods with a damping option at every value of ``sweep``.
+        sweep: damping values of the sweep.
+        options: further method options (``FIELD -> value``), applied where a method has them.
+        out: directory for the result tables.
+        cache_dir: artifact store directory.
+        data_dir: where CIFAR-10 lives (``cifar-10-batches-py``), if not downloadable.
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        executor: ``local``, ``pool`` or ``ray`` for the ground-truth retraining.
+        workers: processes of the pool / CPUs of a local Ray cluster.
+        ray_address: address of an existing Ray cluster.
+        overrides: setting overrides (``n_subsets=64``), applied to the preset.
+        threads: torch intra-op threads in this process (None: torch's default). The digits
+            presets' models are so small that one thread is fastest (use ``--executor pool``
+            for parallelism); CIFAR-size models want all cores.
+        progress: show progress bars.
+    """
+
+    methods: tuple[str, ...] = ("kfac",)
+    preset: str = "quick"
+    targets: tuple[str, ...] = ("loss",)
+    measurement: str | None = None
+    damping: float | None = None
+    damping_sweep: bool = False
+    sweep: tuple[float, ...] = DEFAULT_SWEEP
+    options: dict[str, Any] = field(default_factory=dict)
+    out: str = "results"
+    cache_dir: str = DEFAULT_CACHE_DIR
+    data_dir: str | None = None
+    device: str = "auto"
+    executor: str = "local"
+    workers: int = 2
+    ray_address: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("give at least one --method")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--method lists a method twice: {list(self.methods)}")
+        if not self.targets:
+            raise ValueError("give at least one --target")
+        values = [self.damping] if self.damping is not None else []
+        values += list(self.sweep) if self.damping_sweep else []
+        for value in values:
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"damping must be a finite number > 0, got {value!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class LDSResult:
+    """Tables of one run.
+
+    Attributes:
+        summary: one row per (method, measurement, target, damping); see benchmarks.results.
+        per_query: per-query LDS (long table).
+        paired: paired differences to the first method, per target.
+        files: written paths.
+    """
+
+    summary: pd.DataFrame
+    per_query: pd.DataFrame
+    paired: pd.DataFrame
+    files: dict[str, Path]
+
+
+def _damping_values(config: LDSConfig, has_damping: bool) -> list[float | None]:
+    if not has_damping:
+        return [None]
+    if config.damping_sweep:
+        return list(config.sweep)
+    return [config.damping]
+
+
+def run(config: LDSConfig) -> LDSResult:
+    """Run the LDS benchmark described by ``config``."""
+    import torch  # imports are deferred so that --help is instant
+
+    from benchmarks.executors import make_executor
+    from benchmarks.groundtruth import compute_ground_truth
+    from benchmarks.metrics import (
+        lds_per_query,
+        noise_ceiling,
+        paired_difference,
+        predictions_from_scores,
+        summarize,
+    )
+    from benchmarks.pipeline import get_base_model, get_queries, load_train_set, resolve_device
+    from benchmarks.provenance import StageLog, collect_provenance, write_result_json
+    from benchmarks.results import format_table, per_query_frame, result_row, write_results
+    from benchmarks.runner import Experiment, build_method, run_method
+    from benchmarks.settings import get_preset
+    from benchmarks.store import ArtifactStore
+    from diffusion.measurements import parse_measurement
+
+    setting = get_preset(config.preset)
+    if config.overrides:
+        setting = setting.replace(**config.overrides)
+    for name in (*config.targets, *([config.measurement] if config.measurement else [])):
+        parse_measurement(name, setting.schedule.num_timesteps)
+    for name in config.methods:
+        build_method(name, {})  # unknown names fail here, before any work
+    device = resolve_device(config.device)
+    threads = config.threads or (1 if setting.dataset.startswith("digits") else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    store = ArtifactStore(Path(config.cache_dir))
+    stages = StageLog()
+    needs_trajectories = any(
+        parse_measurement(m)[0] == "trajectory-logprob"
+        for m in (*config.targets, config.measurement or "loss")
+    )
+
+    with stages.stage("data"):
+        train_set = load_train_set(setting, config.data_dir)
+    with stages.stage("base_model"):
+        model = get_base_model(setting, store, train_set, device=device, progress=config.progress)
+    with stages.stage("queries"):
+        queries = get_queries(
+            setting,
+            store,
+            model,
+            device=device,
+            progress=config.progress,
+            with_trajectories=needs_trajectories,
+        )
+        if needs_trajectories:  # ground truth reads the plain query set
+            get_queries(setting, store, model, device=device, progress=False)
+    with stages.stage("ground_truth"):
+        executor = make_executor(
+            config.executor,
+            workers=config.workers,
+            ray_address=config.ray_address,
+            progress=config.progress,
+        )
+        truth = compute_ground_truth(
+            setting,
+            store,
+            config.targets,
+            n_train=len(train_set),
+            executor=executor,
+            data_dir=config.data_dir,
+            device=str(device),
+        )
+    experiment = Experiment(
+        setting, store, model, train_set.images, queries, device, config.progress
+    )
+
+    rows, per_query, lds_by_key = [], [], {}
+    for target in config.targets:
+        targets_mean = truth.mean_over_seeds(target)  # [n_subsets, n_queries]
+        if setting.n_seeds >= 2:
+            ceiling = noise_ceiling(truth.values[target])
+            rows.append(
+                result_row("noise-ceiling", target, target, None, ceiling, preset=setting.name)
+            )
+            per_query.append(
+                per_query_frame("noise-ceiling", target, target, None, ceiling, preset=setting.name)
+            )
+        for name in config.methods:
+            cls = build_method(name, {})
+            has_damping = "damping" in asdict(cls.config)
+            for damping in _damping_values(config, has_damping):
+                options = dict(config.options)
+                if damping is not None:
+                    options["damping"] = damping
+                outcome = run_method(
+                    experiment,
+                    name,
+                    options,
+                    measurement=config.measurement or target,
+                    target=target,
+                    masks=truth.masks,
+                )
+                extra = {"default_damping": asdict(cls.config).get("damping")}
+                if outcome.status != "ok":
+                    print(f"[{name}] {outcome.status}: {outcome.reason}", file=sys.stderr)
+                    rows.append(
+                        result_row(
+                            name,
+                            outcome.measurement,
+                            target,
+                            outcome.damping,
+                            None,
+                            preset=setting.name,
+                            status=outcome.status,
+                            reason=outcome.reason,
+                            seconds=outcome.seconds,
+                            peak_memory_mb=outcome.peak_memory_mb,
+                            **extra,
+                        )
+                    )
+                    continue
+                predictions = (
+                    outcome.predictions
+                    if outcome.scores is None
+                    else predictions_from_scores(outcome.scores, truth.masks)
+                )
+                lds = lds_per_query(predictions, targets_mean)
+                lds_by_key[(name, target, outcome.damping)] = lds
+                rows.append(
+                    result_row(
+                        name,
+                        outcome.measurement,
+                        target,
+                        outcome.damping,
+                        lds,
+                        preset=setting.name,
+                        seconds=outcome.seconds,
+                        peak_memory_mb=outcome.peak_memory_mb,
+                        **extra,
+                    )
+                )
+                per_query.append(
+                    per_query_frame(
+                        name, outcome.measurement, target, outcome.damping, lds, preset=setting.name
+                    )
+                )
+                print(
+                    f"[{name}] {target}: LDS {summarize(lds).mean:.3f} ({outcome.seconds:.1f} s)",
+                    file=sys.stderr,
+                )
+
+    paired_rows = []
+    for (name, target, damping), lds in lds_by_key.items():
+        reference = next(
+            (v for (n, t, _), v in lds_by_key.items() if n == config.methods[0] and t == target),
+            None,
+        )
+        if reference is None or name == config.methods[0]:
+            continue
+        diff = paired_difference(lds, reference)
+        paired_rows.append(
+            {
+                "method": name,
+                "reference": config.methods[0],
+                "target": target,
+                "damping": damping,
+                "diff_mean": diff.mean,
+                "diff_se": diff.standard_error,
+            }
+        )
+
+    summary = pd.DataFrame(rows)
+    per_query_df = pd.concat(per_query, ignore_index=True) if per_query else pd.DataFrame()
+    paired = pd.DataFrame(paired_rows)
+    run_name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + "-".join(config.methods)
+    out_dir = Path(config.out) / "lds" / setting.name
+    provenance = {
+        **collect_provenance(),
+        "config": asdict(config),
+        "setting": setting.to_dict(),
+        "stages": stages.to_dict(),
+    }
+    files = write_results(out_dir, summary, per_query_df, provenance, run_name)
+    if not paired.empty:
+        files["paired"] = out_dir / f"{run_name}.paired.csv"
+        paired.to_csv(files["paired"], index=False)
+    write_result_json(out_dir / f"{run_name}.run.json", {"summary": rows}, config, stages=stages)
+    print(format_table(summary))
+    if not paired.empty:
+        print("\nPaired differences of per-query LDS to", config.methods[0])
+        print(paired.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\nwrote {files['summary']}")
+    return LDSResult(summary, per_query_df, paired, files)
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.lds",
+        description=__doc__.split("\n\n")[0] + " Defaults: the embedded digits2 data, quick "
+        "preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="attribution method (repeatable; default kfac); `python -m methods --list` lists them",
+    )
+    parser.add_argument("--preset", default="quick", help="smoke | quick | cifar2 | cifar10")
+    parser.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="MEASUREMENT",
+        help="what to predict (repeatable; default loss): loss, elbo, "
+        "square-norm, trajectory-logprob, timestep-loss:<t>",
+    )
+    parser.add_argument(
+        "--measurement",
+        default=None,
+        help="measurement the methods differentiate (default: the target; "
+        "'loss' with --target elbo is the paper's m. loss)",
+    )
+    damping = parser.add_mutually_exclusive_group()
+    damping.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping of every method with one (paper normalisation)",
+    )
+    damping.add_argument(
+        "--damping-sweep",
+        action="store_true",
+        help=f"evaluate dampings {', '.join(f'{d:g}' for d in DEFAULT_SWEEP)}",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="method option where a method has it, e.g. proj_dim=4096",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="overrides",
+        help="setting override, e.g. n_subsets=64",
+    )
+    parser.add_argument("--out", default="results", help="directory of result tables")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding cifar-10-batches-py (CIFAR presets offline)",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "pool", "ray"],
+        help="where ground-truth retraining runs",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="pool / local Ray workers")
+    parser.add_argument("--ray-address", default=None, help="existing Ray cluster address")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 for the digits presets, else all)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> LDSConfig:
+    return LDSConfig(
+        methods=tuple(args.methods or ["kfac"]),
+        preset=args.preset,
+        targets=tuple(args.targets or ["loss"]),
+        measurement=args.measurement,
+        damping=args.damping,
+        damping_sweep=args.damping_sweep,
+        options=_key_values(args.option, "--option"),
+        out=args.out,
+        cache_dir=args.cache_dir,
+        data_dir=args.data_dir,
+        device=args.device,
+        executor=args.executor,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        overrides=_key_values(args.overrides, "--set"),
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit status 2 for usage errors, with the fix in the message."""
+    from benchmarks.cli import usage_errors
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        config = config_from_args(args)
+        run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

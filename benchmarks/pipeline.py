@@ -1,0 +1,178 @@
+"""The shared, cached inputs of every benchmark: training set, base model, generated queries,
+and the measurement protocol applied to any model.
+
+Each expensive product is stored in the artifact store under a key derived from exactly the
+settings that determine it (``Setting.fingerprint``), so changing M or K keeps the base model
+and the queries, and a second method run reuses everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.settings import Setting
+from benchmarks.store import ArtifactStore
+from datasets import ImageDataset, load_dataset
+from diffusion.measurements import MCDraws, draw_mc, measure, parse_measurement
+from diffusion.sampling import sample
+from diffusion.train import train_model
+from diffusion.unet import UNet
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of parts (stable across runs and machines)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def load_train_set(setting: Setting, data_dir: str | Path | None = None) -> ImageDataset:
+    """The setting's training set, capped to ``setting.n_train`` examples (first ones)."""
+    dataset = load_dataset(setting.dataset, data_dir=data_dir)
+    if setting.n_train is not None and setting.n_train < len(dataset):
+        dataset = dataset.subset(torch.arange(setting.n_train))
+    return dataset
+
+
+def _load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> UNet:
+    model = UNet(setting.unet)
+    model.load_state_dict(store.load_state_dict(kind, spec))
+    return model.eval()
+
+
+def base_model_spec(setting: Setting) -> dict:
+    return setting.fingerprint("base_model")
+
+
+def get_base_model(
+    setting: Setting,
+    store: ArtifactStore,
+    train_set: ImageDataset,
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> UNet:
+    """The model trained on the full training set (trained once, then loaded)."""
+    spec = base_model_spec(setting)
+    if not store.exists("base-model", spec):
+        model = train_model(
+            train_set.images,
+            setting.unet,
+            setting.train,
+            seed=setting.seed,
+            schedule=setting.schedule,
+            device=device,
+            progress=progress,
+        )
+        store.save_state_dict("base-model", spec, model.state_dict())
+    return _load_model(store, "base-model", spec, setting)
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """Generated samples to attribute.
+
+    Attributes:
+        images: ``# [n_queries, C, H, W]`` the samples x_0.
+        trajectories: ``# [n_queries, T + 1, C, H, W]`` their sampling trajectories, or None.
+    """
+
+    images: torch.Tensor
+    trajectories: torch.Tensor | None
+
+
+def queries_spec(setting: Setting, with_trajectories: bool) -> dict:
+    return {**setting.fingerprint("queries"), "trajectories": with_trajectories}
+
+
+def get_queries(
+    setting: Setting,
+    store: ArtifactStore,
+    model: UNet,
+    *,
+    device: torch.device,
+    with_trajectories: bool = False,
+    progress: bool = True,
+) -> QuerySet:
+    """``setting.n_queries`` samples of the base model (generated once, then loaded)."""
+    spec = queries_spec(setting, with_trajectories)
+
+    def generate() -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(derived_seed(setting.seed, "queries"))
+        result = sample(
+            model.to(device),
+            setting.schedule,
+            setting.n_queries,
+            generator=generator,
+            return_trajectory=with_trajectories,
+            device=device,
+            progress=progress,
+        )
+        model.cpu()
+        tensors = {"images": result.images.contiguous()}
+        if result.trajectory is not None:
+            tensors["trajectories"] = result.trajectory.contiguous()
+        return tensors
+
+    tensors = store.get_or_compute("queries", spec, generate, fmt="tensors")
+    return QuerySet(tensors["images"], tensors.get("trajectories"))
+
+
+def measurement_draws(setting: Setting, query: int, n_samples: int, image_shape) -> MCDraws:
+    """The common random numbers of query ``query``: the same for every model measured."""
+    generator = torch.Generator().manual_seed(derived_seed(setting.seed, "measure", query))
+    return draw_mc(
+        1, n_samples, tuple(image_shape), setting.schedule.num_timesteps, generator=generator
+    )
+
+
+@torch.no_grad()
+def measure_queries(
+    model: UNet,
+    setting: Setting,
+    queries: QuerySet,
+    name: str,
+    *,
+    n_samples: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Measurement ``name`` of ``model`` on every query, with the ground truth's common random
+    numbers (one fixed set of draws per query, whatever the model).
+
+    Returns:
+        ``# [n_queries]`` float64.
+    """
+    base, _ = parse_measurement(name, setting.schedule.num_timesteps)
+    needs_trajectory = base == "trajectory-logprob"
+    if needs_trajectory and queries.trajectories is None:
+        raise ValueError(f"measurement {name!r} needs query trajectories; none were stored")
+    model = model.to(device).eval()
+    values = []
+    for q in range(queries.images.shape[0]):
+        draws = measurement_draws(setting, q, n_samples, queries.images.shape[1:])
+        draws = MCDraws(draws.t.to(device), draws.eps.to(device))
+        trajectory = queries.trajectories[q : q + 1].to(device) if needs_trajectory else None
+        value = measure(
+            name,
+            model,
+            setting.schedule,
+            queries.images[q : q + 1].to(device),
+            draws,
+            trajectory=trajectory,
+        )
+        values.append(float(value))
+    return np.asarray(values, dtype=np.float64)

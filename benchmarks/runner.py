@@ -1,0 +1,211 @@
+"""Run one attribution method on a prepared experiment: context, caching, timing, failures.
+
+Shared by the LDS and the retraining benchmarks. A method that is unavailable (CLIP without
+weights) or fails (an exception, NaN/infinite scores) yields a ``MethodRun`` with that status
+and the reason; the caller writes it as a failed cell and carries on.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.groundtruth import get_or_train_model
+from benchmarks.pipeline import QuerySet, derived_seed, measure_queries, queries_spec
+from benchmarks.provenance import StageTimer
+from benchmarks.settings import Setting
+from benchmarks.store import ArtifactStore
+from diffusion.unet import UNet
+from methods import AttributionMethod, MethodContext, MethodUnavailableError, get_method
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """The prepared inputs every method sees.
+
+    Attributes:
+        setting: sizes and recipes.
+        store: the artifact store.
+        model: base model trained on the full training set.
+        train_images: ``# [n_train, C, H, W]``.
+        queries: the generated samples (and trajectories, if stored).
+        device: where methods compute.
+        progress: show progress bars.
+    """
+
+    setting: Setting
+    store: ArtifactStore
+    model: UNet
+    train_images: torch.Tensor
+    queries: QuerySet
+    device: torch.device
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method's outcome.
+
+    Attributes:
+        name: registry name.
+        config: the method's config as a dict (empty if it could not be built).
+        measurement: the measurement the method used.
+        status: "ok", "unavailable" or "failed".
+        reason: why not ok.
+        scores: ``# [n_queries, n_train]`` for score methods, else None.
+        predictions: ``# [n_subsets, n_queries]`` for subset-prediction methods, else None.
+        seconds: wall time of the method.
+        peak_memory_mb: peak memory growth during the method.
+    """
+
+    name: str
+    config: dict[str, Any]
+    measurement: str
+    status: str
+    reason: str = ""
+    scores: np.ndarray | None = None
+    predictions: np.ndarray | None = None
+    seconds: float = math.nan
+    peak_memory_mb: float = math.nan
+
+    @property
+    def damping(self) -> float | None:
+        value = self.config.get("damping")
+        return float(value) if value is not None else None
+
+
+def build_method(name: str, options: dict[str, Any]) -> AttributionMethod:
+    """Method ``name`` with those ``options`` that its config has (others are ignored, so one
+    option set such as ``{"damping": 1e-3, "proj_dim": 4096}`` can serve every method)."""
+    entry = get_method(name)
+    known = {f.name for f in fields(entry.load().Config)}
+    return entry.build(**{k: v for k, v in options.items() if k in known})
+
+
+def method_context(experiment: Experiment, measurement: str, target: str) -> MethodContext:
+    """The context of a method that uses ``measurement`` to predict ``target``."""
+    setting, store = experiment.setting, experiment.store
+
+    def train_fn(positions: torch.Tensor, seed: int) -> UNet:
+        return get_or_train_model(
+            setting,
+            store,
+            experiment.train_images,
+            np.asarray(positions),
+            derived_seed(setting.seed, "oracle", int(seed)),
+            setting.subset_train,
+            device=experiment.device,
+        )
+
+    def measure_fn(model: UNet) -> torch.Tensor:
+        values = measure_queries(
+            model,
+            setting,
+            experiment.queries,
+            target,
+            n_samples=setting.gt_mc_samples,
+            device=experiment.device,
+        )
+        return torch.from_numpy(values)
+
+    return MethodContext(
+        model=experiment.model,
+        schedule=setting.schedule,
+        train_images=experiment.train_images,
+        query_images=experiment.queries.images,
+        query_trajectories=experiment.queries.trajectories,
+        measurement=measurement,
+        hflip=setting.train.hflip,
+        seed=setting.seed,
+        device=experiment.device,
+        cache=store,
+        cache_spec={
+            "setting": setting.fingerprint("method"),
+            "queries": queries_spec(setting, experiment.queries.trajectories is not None),
+        },
+        train_fn=train_fn,
+        measure_fn=measure_fn,
+        grad_samples=setting.grad_mc_samples,
+        fit_samples=setting.kfac_mc_samples,
+        query_samples=setting.query_grad_mc_samples,
+        progress=experiment.progress,
+    )
+
+
+def _check_finite(name: str, array: np.ndarray, expected: tuple[int, int]) -> str:
+    if array.shape != expected:
+        return f"{name} returned shape {array.shape}, expected {expected}"
+    bad = ~np.isfinite(array)
+    if bad.any():
+        return (
+            f"{name} returned {int(bad.sum())} non-finite values (NaN/inf) of "
+            f"{array.size}; try a larger damping"
+        )
+    return ""
+
+
+def run_method(
+    experiment: Experiment,
+    name: str,
+    options: dict[str, Any],
+    *,
+    measurement: str,
+    target: str,
+    masks: np.ndarray | None = None,
+) -> MethodRun:
+    """Run method ``name`` and return its outcome (never raises for method failures).
+
+    Args:
+        experiment: the prepared inputs.
+        name: registry name.
+        options: config values applied where the method's config has the field.
+        measurement: what the method differentiates (its "measurement").
+        target: what is being predicted (the ground truth's measurement).
+        masks: ``# [n_subsets, n_train]`` subsets, for subset-prediction methods.
+    """
+    try:
+        method = build_method(name, options)
+    except (ValueError, TypeError) as error:
+        return MethodRun(name, {}, measurement, "failed", f"bad configuration: {error}")
+    config = asdict(method.config)
+    measurement = config.get("measurement") or measurement
+    available, why = method.availability()
+    if not available:
+        return MethodRun(name, config, measurement, "unavailable", why)
+    ctx = method_context(experiment, measurement, target)
+    timer = StageTimer(f"method:{name}", device=experiment.device)
+    scores = predictions = None
+    try:
+        with timer:
+            if method.kind == "subset-predictions":
+                if masks is None:
+                    raise MethodUnavailableError(f"{name} needs training subsets")
+                predictions = np.asarray(method.predict_subsets(ctx, masks), dtype=np.float64)
+            else:
+                scores = np.asarray(method.score(ctx), dtype=np.float64)
+    except MethodUnavailableError as error:
+        return MethodRun(name, config, measurement, "unavailable", str(error))
+    except Exception as error:  # reported as a failed cell; the table is still written
+        detail = traceback.format_exception_only(type(error), error)[-1].strip()
+        return MethodRun(name, config, measurement, "failed", detail)
+    if scores is not None:
+        problem = _check_finite(name, scores, (ctx.n_queries, ctx.n_train))
+    else:
+        problem = _check_finite(name, predictions, (len(masks), ctx.n_queries))
+    status = "failed" if problem else "ok"
+    return MethodRun(
+        name,
+        config,
+        measurement,
+        status,
+        problem,
+        scores,
+        predictions,
+        timer.seconds,
+        timer.peak_memory_mb,
+    )
