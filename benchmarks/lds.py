@@ -307,25 +307,6 @@ def run(config: LDSConfig) -> LDSResult:
     return LDSResult(summary, per_query_df, paired, files)
 
 
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def _key_values(pairs: list[str], flag: str) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        out[key] = _parse_value(value)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.lds",
@@ -409,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LDSConfig:
+    from benchmarks.cli import parse_key_values
+
     return LDSConfig(
         methods=tuple(args.methods or ["kfac"]),
         preset=args.preset,
@@ -416,7 +399,7 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         measurement=args.measurement,
         damping=args.damping,
         damping_sweep=args.damping_sweep,
-        options=_key_values(args.option, "--option"),
+        options=parse_key_values(args.option, "--option"),
         out=args.out,
         cache_dir=args.cache_dir,
         data_dir=args.data_dir,
@@ -424,7 +407,7 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         executor=args.executor,
         workers=args.workers,
         ray_address=args.ray_address,
-        overrides=_key_values(args.overrides, "--set"),
+        overrides=parse_key_values(args.overrides, "--set"),
         threads=args.threads,
         progress=not args.no_progress,
     )
