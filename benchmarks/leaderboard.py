@@ -1,0 +1,119 @@
+"""Leaderboard: ``python -m benchmarks.leaderboard --preset smoke``.
+
+Runs the LDS benchmark for every registered method (built-ins and installed plugins) on one
+preset, then writes ``results/leaderboard.md`` (ranked table with the noise ceiling and the
+provenance of the run) and ``results/leaderboard.png`` (Figure 2 style bars). Unavailable
+methods (e.g. CLIP without weights) are listed with the reason instead of a score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.lds import DEFAULT_CACHE_DIR, LDSConfig
+
+
+def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -> str:
+    """The ranked Markdown table: ok rows by LDS, then the unavailable/failed ones."""
+    from benchmarks.results import format_lds
+
+    ok = summary[summary["status"] == "ok"].sort_values("lds_mean", ascending=False)
+    rest = summary[summary["status"] != "ok"]
+    lines = [
+        f"# Attribution leaderboard: preset `{preset}`",
+        "",
+        "LDS (Spearman rank correlation between predicted and retrained measurement across "
+        "training subsets), mean ± standard error over generated queries, target: diffusion "
+        "loss. `noise-ceiling` is the seed-to-seed agreement of the ground truth.",
+        "",
+        "| rank | method | LDS % | seconds | peak MB |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    rank = 0
+    for row in ok.itertuples():
+        is_ceiling = row.method == "noise-ceiling"
+        rank += 0 if is_ceiling else 1
+        seconds = "" if pd.isna(row.seconds) else f"{row.seconds:.1f}"
+        memory = "" if pd.isna(row.peak_memory_mb) else f"{row.peak_memory_mb:.0f}"
+        lines.append(
+            f"| {'' if is_ceiling else rank} | {row.method} | "
+            f"{format_lds(row.lds_mean, row.lds_se)} | {seconds} | {memory} |"
+        )
+    for row in rest.itertuples():
+        lines.append(f"| – | {row.method} | {row.status}: {row.reason} | | |")
+    packages = provenance.get("packages", {})
+    lines += [
+        "",
+        f"Commit `{provenance.get('git_commit', 'unknown')}`, torch "
+        f"{packages.get('torch')}, curvlinops {packages.get('curvlinops')}, traker "
+        f"{packages.get('traker')}; {provenance.get('timestamp', '')}; "
+        f"{provenance.get('cpu_count')} CPUs, CUDA: "
+        f"{provenance.get('device', {}).get('cuda_available')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(
+    preset: str, out: str, cache_dir: str, methods: tuple[str, ...] | None, progress: bool
+) -> Path:
+    from benchmarks import lds
+    from benchmarks.plots import plot_lds_bars
+    from benchmarks.provenance import collect_provenance
+    from benchmarks.results import atomic_write_text
+    from methods import available_methods
+
+    names = tuple(methods or available_methods())
+    result = lds.run(
+        LDSConfig(methods=names, preset=preset, out=out, cache_dir=cache_dir, progress=progress)
+    )
+    out_dir = Path(out)
+    markdown = leaderboard_markdown(result.summary, collect_provenance(), preset)
+    path = atomic_write_text(out_dir / "leaderboard.md", markdown)
+    plot_lds_bars(
+        result.summary,
+        out_dir / "leaderboard.png",
+        target="loss",
+        title=f"LDS on preset {preset} (target: loss)",
+    )
+    print(f"wrote {path} and {out_dir / 'leaderboard.png'}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.cli import usage_errors
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.leaderboard",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", default="smoke", help="smoke | quick | cifar2 | cifar10")
+    parser.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help="restrict to these methods (default: every registered one)",
+    )
+    parser.add_argument("--out", default="results", help="where leaderboard.md/png go")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    with usage_errors(parser):
+        run(
+            args.preset,
+            args.out,
+            args.cache_dir,
+            tuple(args.methods) if args.methods else None,
+            not args.no_progress,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
