@@ -52,3 +52,21 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
             raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
         out[key] = _parse_value(value)
     return out
+
+
+def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.steps": 20, "n_subsets": 8}`` -> ``{"train": {"steps": 20}, "n_subsets": 8}``
+    (the form ``Setting.replace`` takes for nested configs)."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        head, dot, rest = key.partition(".")
+        if not dot:
+            nested[key] = value
+            continue
+        if "." in rest:
+            raise ValueError(f"--set {key}: only one level of nesting (e.g. train.steps)")
+        branch = nested.setdefault(head, {})
+        if not isinstance(branch, dict):
+            raise ValueError(f"--set {head} and --set {key} conflict; give one of them")
+        branch[rest] = value
+    return nested

@@ -9,11 +9,9 @@ retrained model, and any executor (in-process, pool, Ray) can run them.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +21,7 @@ from benchmarks.pipeline import (
     QuerySet,
     derived_seed,
     load_train_set,
+    log_training,
     measure_queries,
     queries_spec,
 )
@@ -30,8 +29,6 @@ from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
 from diffusion.train import TrainConfig, train_model
 from diffusion.unet import UNet
-
-TRAINING_LOG = "trainings.log"
 
 
 def subset_masks(n_train: int, setting: Setting) -> np.ndarray:
@@ -68,23 +65,6 @@ def model_spec(
     }
 
 
-def log_training(store: ArtifactStore, key: str, seconds: float) -> None:
-    """Append one line per finished training to ``<store>/trainings.log`` (O_APPEND: safe for
-    concurrent workers); users and tests read it to see what was (re)trained."""
-    line = f"{time.time():.3f}\t{key}\t{seconds:.2f}\t{os.getpid()}\n"
-    fd = os.open(Path(store.root) / TRAINING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
-
-
-def count_trainings(store: ArtifactStore) -> int:
-    """How many trainings this store has logged."""
-    path = Path(store.root) / TRAINING_LOG
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def get_or_train_model(
     setting: Setting,
     store: ArtifactStore,
@@ -114,9 +94,9 @@ def get_or_train_model(
         device=device,
         progress=progress,
     )
-    log_training(store, store.key("model", spec), time.perf_counter() - start)
     if keep:
         store.save_state_dict("model", spec, model.state_dict())
+    log_training(store, store.key("model", spec), time.perf_counter() - start)  # after the save
     return model
 
 

@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LDSConfig:
-    from benchmarks.cli import parse_key_values
+    from benchmarks.cli import nest_overrides, parse_key_values
 
     return LDSConfig(
         methods=tuple(args.methods or ["kfac"]),
@@ -407,7 +407,7 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         executor=args.executor,
         workers=args.workers,
         ray_address=args.ray_address,
-        overrides=parse_key_values(args.overrides, "--set"),
+        overrides=nest_overrides(parse_key_values(args.overrides, "--set")),
         threads=args.threads,
         progress=not args.no_progress,
     )

@@ -9,6 +9,8 @@ and the queries, and a second method run reuses everything.
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,26 @@ from diffusion.measurements import MCDraws, draw_mc, measure, parse_measurement
 from diffusion.sampling import sample
 from diffusion.train import train_model
 from diffusion.unet import UNet
+
+TRAINING_LOG = "trainings.log"
+
+
+def log_training(store: ArtifactStore, key: str, seconds: float) -> None:
+    """Append one line per finished training to ``<store>/trainings.log`` (O_APPEND: safe for
+    concurrent workers); users and tests read it to see what was (re)trained."""
+    Path(store.root).mkdir(parents=True, exist_ok=True)
+    line = f"{time.time():.3f}\t{key}\t{seconds:.2f}\t{os.getpid()}\n"
+    fd = os.open(Path(store.root) / TRAINING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def count_trainings(store: ArtifactStore) -> int:
+    """How many trainings this store has logged."""
+    path = Path(store.root) / TRAINING_LOG
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def derived_seed(*parts: object) -> int:
@@ -69,6 +91,7 @@ def get_base_model(
     """The model trained on the full training set (trained once, then loaded)."""
     spec = base_model_spec(setting)
     if not store.exists("base-model", spec):
+        start = time.perf_counter()
         model = train_model(
             train_set.images,
             setting.unet,
@@ -79,6 +102,7 @@ def get_base_model(
             progress=progress,
         )
         store.save_state_dict("base-model", spec, model.state_dict())
+        log_training(store, store.key("base-model", spec), time.perf_counter() - start)
     return _load_model(store, "base-model", spec, setting)
 
 

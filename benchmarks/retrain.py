@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cli import parse_key_values, usage_errors
+    from benchmarks.cli import nest_overrides, parse_key_values, usage_errors
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             executor=args.executor,
             workers=args.workers,
             ray_address=args.ray_address,
-            overrides=parse_key_values(args.overrides, "--set"),
+            overrides=nest_overrides(parse_key_values(args.overrides, "--set")),
             threads=args.threads,
             progress=not args.no_progress,
         )

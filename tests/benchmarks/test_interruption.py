@@ -1,0 +1,89 @@
+"""Acceptance (issue 6): a ground-truth run killed with SIGKILL resumes without retraining
+finished models, and its final arrays equal those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.pipeline import TRAINING_LOG
+from benchmarks.results import load_results
+from tests.benchmarks.tiny import tiny_cli_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _lds_command(cache: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.lds",
+        "--preset",
+        "smoke",
+        *tiny_cli_args(),
+        "--set=n_subsets=6",
+        "--method",
+        "random",
+        "--cache-dir",
+        str(cache),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+
+
+def _trainings(cache: Path) -> list[str]:
+    log = cache / TRAINING_LOG
+    return [line.split("\t")[1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    process = subprocess.Popen(
+        _lds_command(cache, out),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while len(_trainings(cache)) < 4 and time.time() < deadline:  # base + 3 subset models
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before_kill = _trainings(cache)
+    assert 4 <= len(done_before_kill) < 1 + 12, "kill landed outside the ground truth"
+
+    subprocess.run(_lds_command(cache, out), cwd=REPO, env=env, check=True, capture_output=True)
+    trainings = _trainings(cache)
+    assert len(trainings) == len(set(trainings))  # nothing trained twice
+    # Every model exists once (a kill between a model's save and its log line would leave
+    # one fewer line, never a retraining).
+    assert len(list((cache / "model").iterdir())) == 6 * 2
+    assert len(trainings) >= 6 * 2
+    assert trainings[: len(done_before_kill)] == done_before_kill
+
+    clean_cache, clean_out = tmp_path / "clean-cache", tmp_path / "clean-out"
+    subprocess.run(
+        _lds_command(clean_cache, clean_out), cwd=REPO, env=env, check=True, capture_output=True
+    )
+    resumed, _ = load_results(out)
+    clean, _ = load_results(clean_out)
+    np.testing.assert_array_equal(resumed["lds_mean"].to_numpy(), clean["lds_mean"].to_numpy())
+    measurements = sorted((cache / "measurement").iterdir())
+    clean_measurements = sorted((clean_cache / "measurement").iterdir())
+    assert [p.name for p in measurements] == [p.name for p in clean_measurements]
+    for a, b in zip(measurements, clean_measurements, strict=True):
+        np.testing.assert_array_equal(np.load(a / "values.npy"), np.load(b / "values.npy"))
