@@ -1,0 +1,778 @@
+"""TRAK and D-TRAK for diffusion models, on top of MadryLab's ``traker`` package (v0.3).
+
+**What is computed.** For every training example ``x_j`` the gradient ``g_j`` (``[p]``, p =
+number of model parameters) of its *output function* (TRAK: the diffusion training loss
+``l(theta, x_j)``; D-TRAK: the square norm ``mean ||eps_theta(x_t, t)||^2``), each a Monte
+Carlo mean over S draws of ``(t, eps)`` (and of a horizontal flip when ``ctx.hflip``). For
+every query the gradient ``g_q`` of the measurement ``m(theta, x_q)`` (``ctx.measurement``; the
+square norm for D-TRAK). traker projects them, ``phi = P g / sqrt(p)`` with a random
+``P`` (``[k, p]``: N(0, 1) entries with the CPU ``BasicProjector``, Rademacher with the CUDA
+``fast_jl`` projector; the ``1/sqrt(p)`` is traker's own normalisation), and the scores are::
+
+    scores[q, j] = phi_q^T (Phi^T Phi + N * lambda * I_k)^{-1} phi_j        # [n_queries, n_train]
+                 = (1/N) phi_q^T ((1/N) Phi^T Phi + lambda I_k)^{-1} phi_j
+
+with ``Phi`` (``[N, k]``) the stacked training features. The second line is the influence
+function of the paper (Eq. 6 with GGN^loss, Eq. 11, in the projected space, App. G.4): removing
+``x_j`` changes ``m(x_q)`` by ``+(1/N) grad m^T (H + lambda I)^{-1} grad l_j``, so a positive score
+predicts that the measurement *increases* when ``j`` is removed, which is our score contract as
+is (no sign flip). With the identity projection (``projector="identity"``, ``phi = g / sqrt(p)``)
+this is exactly ``g_q^T (G^T G + N * p * lambda * I_p)^{-1} g_j``.
+
+**Damping.** ``damping`` = lambda is given in the paper's normalisation: added to the GGN of the
+loss *averaged* over the N training examples, in traker's projected space. traker adds its
+``lambda_reg`` to ``Phi^T Phi`` (the unnormalised sum), so ``lambda_reg = N * damping`` (App. G.4:
+values quoted for traker / Zheng et al. are N times ours). Default 1e-9, the paper's TRAK default
+("the lowest numerically stable value"; Park et al. recommend none).
+
+**Where traker is neutralised.** (1) Its ``Q`` term (``get_out_to_loss_grad``, the logistic
+reweighting of classification) is 1 for this regression-type output. (2) It stores in float16
+by default; we use float32 throughout (the paper: float16 ruins TRAK for diffusion models).
+(3) Its ``BasicScoreComputer`` rescales ``(X^T X)^{-1}`` by its mean absolute entry (a
+float16 safeguard) and inverts in float32; ours solves the damped system in float64 without
+rescaling, so the scores have the absolute scale above. When ``N < k`` it uses the identical
+push-through form ``(Phi Phi^T + N lambda I_N)^{-1} Phi`` (an N x N system).
+
+**Caching and resumption.** traker's save directory (memory-mapped features, one flag per
+featurised example) lives inside the artifact store at ``<root>/_work/trak/<key>/``, the key
+hashing everything that determines the training features (config except batch sizes and
+damping, seed, S, hflip, model and training-set fingerprints, ``ctx.cache_spec``). A killed
+featurisation resumes with the examples not yet flagged. The finalised features depend on the
+damping: a different damping re-finalises from the stored projected gradients. Without a cache,
+a temporary directory is used and removed.
+
+**Monte Carlo draws** depend only on ``(ctx.seed, stream, example index)`` (see
+:func:`example_draws`), so scores do not depend on batch sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from trak import TRAKer
+from trak import __version__ as TRAK_VERSION
+from trak.gradient_computers import FunctionalGradientComputer
+from trak.modelout_functions import AbstractModelOutput
+from trak.projectors import BasicProjector, NoOpProjector, ProjectionType
+from trak.score_computers import BasicScoreComputer
+
+from diffusion.measurements import draw_mc, parse_measurement, per_draw
+from diffusion.schedule import NoiseSchedule
+from methods.base import AttributionMethod, MethodUnavailableError
+
+if TYPE_CHECKING:
+    from methods.context import MethodContext
+
+__all__ = [
+    "OUTPUT_FUNCTIONS",
+    "PROJECTORS",
+    "TRAK",
+    "TRAKConfig",
+    "DiffusionModelOutput",
+    "ExampleDraws",
+    "GRAD_MODES",
+    "example_draws",
+    "example_seed",
+]
+
+OUTPUT_FUNCTIONS: tuple[str, ...] = ("loss", "square-norm")
+"""``loss``: TRAK (training loss; queries use ``ctx.measurement``). ``square-norm``: D-TRAK
+(``mean ||eps_theta(x_t, t)||^2`` for both the training side and the queries)."""
+
+PROJECTORS: tuple[str, ...] = ("auto", "basic", "cuda", "identity")
+GRAD_MODES: tuple[str, ...] = ("auto", "loop", "vmap")
+
+TRAIN_STREAM = 0x54524E  # seed streams of the Monte Carlo draws (see example_seed)
+QUERY_STREAM = 0x515259
+PROJECTION_STREAM = 0x50524A
+
+_MODEL_ID = 0  # one checkpoint: the base model
+_FINALIZED_FILE = "finalized_lambda.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TRAKConfig:
+    """Options of TRAK / D-TRAK (defaults: the paper's, App. G.3-G.4).
+
+    Attributes:
+        output_function: ``"loss"`` (TRAK: gradients of the training loss; queries use
+            ``ctx.measurement``) or ``"square-norm"`` (D-TRAK: ``mean ||eps_theta(x_t)||^2``
+            replaces both the training loss and the measurement).
+        proj_dim: k, dimension of the random projection (paper: 32768). Capped, with a
+            warning, at the number of parameters p (a projection to k >= p dimensions
+            compresses nothing; use ``projector="identity"`` for the exact computation).
+        damping: lambda >= 0 in the paper's normalisation (GGN of the loss averaged over N, in
+            the projected space); passed to traker as ``lambda_reg = N * damping``. Default
+            1e-9 (the paper's default for TRAK). 0 only works when the system is non-singular.
+        grad_samples: Monte Carlo (t, eps) draws per example for every gradient, or None to
+            use ``ctx.grad_samples`` (the setting's value; paper: 250).
+        batch_size: examples per vectorised gradient computation (memory knob; scores do not
+            depend on it). With the CUDA projector it is capped at ``proj_max_batch_size``.
+        draw_chunk_size: draws per gradient pass inside a batch (memory knob: the gradient
+            is accumulated over chunks of the S draws), or None for all S at once.
+        grad_mode: per-example gradients by ``"vmap"`` (traker's ``torch.func.vmap`` over the
+            batch), ``"loop"`` (one autograd pass per example: ~2x faster on CPU for the
+            U-Net, less memory) or ``"auto"`` (loop on CPU, vmap on GPU).
+        projector: ``"auto"`` (``fast_jl`` CUDA projector when the device is CUDA and fast_jl
+            is installed, else ``"basic"``), ``"basic"`` (traker's ``BasicProjector``: N(0, 1)
+            entries on CPU, Rademacher on GPU), ``"cuda"`` (require fast_jl) or ``"identity"``
+            (traker's ``NoOpProjector``: exact, k = p; only for small models).
+        proj_max_batch_size: batch size of the fast_jl kernel (8, 16 or 32; traker's
+            ``proj_max_batch_size``: 32 for A100, 16 for V100, 40 for H100).
+        projector_block_mb: memory budget in MiB of one block of the ``BasicProjector``
+            matrix (``p * block * 4`` bytes; the k columns are split into the fewest equal
+            blocks within it). With more than one block, traker regenerates every block for
+            every batch (slower, less memory); a single block is generated once. traker seeds
+            each block separately, so the block count changes the random matrix (and the
+            scores, within the projection's randomness).
+    """
+
+    output_function: str = "loss"
+    proj_dim: int = 32768
+    damping: float = 1e-9
+    grad_samples: int | None = None
+    batch_size: int = 16
+    draw_chunk_size: int | None = None
+    grad_mode: str = "auto"
+    projector: str = "auto"
+    proj_max_batch_size: int = 32
+    projector_block_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.output_function not in OUTPUT_FUNCTIONS:
+            raise ValueError(
+                f"output_function must be one of {OUTPUT_FUNCTIONS}, got {self.output_function!r}"
+            )
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        for name in ("proj_dim", "batch_size", "projector_block_mb"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("grad_samples", "draw_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if self.proj_max_batch_size not in (8, 16, 32, 40):
+            raise ValueError(
+                f"proj_max_batch_size must be 8, 16, 32 or 40 (fast_jl kernels), got "
+                f"{self.proj_max_batch_size!r}"
+            )
+        if (
+            not isinstance(self.damping, (int, float))
+            or isinstance(self.damping, bool)
+            or not math.isfinite(self.damping)
+            or self.damping < 0
+        ):
+            raise ValueError(f"damping must be a finite float >= 0, got {self.damping!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Monte Carlo draws that depend only on (seed, stream, example index)
+# --------------------------------------------------------------------------------------------
+
+
+def example_seed(seed: int, stream: int, index: int) -> int:
+    """A 63-bit seed derived from ``(seed, stream, index)`` by numpy's ``SeedSequence``."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    state = np.random.SeedSequence([seed, stream, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@dataclass(frozen=True)
+class ExampleDraws:
+    """The Monte Carlo draws of one example.
+
+    Attributes:
+        t: ``# [S]`` int64 0-indexed timesteps.
+        eps: ``# [S, C, H, W]`` float32 noise.
+        flip: ``# [S]`` bool, horizontal flip of the image for each draw (all False without
+            hflip).
+    """
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    flip: torch.Tensor
+
+
+def example_draws(
+    seed: int,
+    stream: int,
+    index: int,
+    n_samples: int,
+    image_shape: tuple[int, int, int],
+    num_timesteps: int,
+    *,
+    hflip: bool = False,
+) -> ExampleDraws:
+    """The draws of example ``index``: ``draw_mc(1, S, ...)`` from a generator seeded with
+    :func:`example_seed`, then (with ``hflip``) S fair coin flips from the same generator."""
+    generator = torch.Generator().manual_seed(example_seed(seed, stream, index))
+    draws = draw_mc(1, n_samples, image_shape, num_timesteps, generator=generator)
+    if hflip:
+        flip = torch.rand(n_samples, generator=generator) < 0.5  # [S]
+    else:
+        flip = torch.zeros(n_samples, dtype=torch.bool)
+    return ExampleDraws(t=draws.t[0], eps=draws.eps[0], flip=flip)
+
+
+def _batch_draws(
+    seed: int,
+    stream: int,
+    indices: np.ndarray,
+    n_samples: int,
+    image_shape: tuple[int, int, int],
+    num_timesteps: int,
+    hflip: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked draws of ``indices``: t ``[B, S]``, eps ``[B, S, C, H, W]``, flip ``[B, S]``."""
+    draws = [
+        example_draws(seed, stream, int(i), n_samples, image_shape, num_timesteps, hflip=hflip)
+        for i in indices
+    ]
+    return (
+        torch.stack([d.t for d in draws]),
+        torch.stack([d.eps for d in draws]),
+        torch.stack([d.flip for d in draws]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# traker plumbing: the model-output function, gradient and score computers
+# --------------------------------------------------------------------------------------------
+
+
+class _MeasuredModel(nn.Module):
+    """Wraps the eps-model so that ``forward`` is a measurement (for ``functional_call``).
+
+    Its parameters are the wrapped model's, under the prefix ``model.``.
+    """
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule) -> None:
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        *,
+        name: str,
+        trajectory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x0 ``[B, C, H, W]``, t ``[B, S]``, eps ``[B, S, C, H, W]`` -> per-draw values ``[B, S]``."""
+        return per_draw(name, self.model, self.schedule, x0, t, eps, trajectory=trajectory)
+
+
+class DiffusionModelOutput(AbstractModelOutput):
+    """traker model-output function: a diffusion measurement averaged over an example's draws.
+
+    Args:
+        function: a measurement name (``diffusion.measurements``): ``"loss"`` or
+            ``"square-norm"`` on the training side, ``ctx.measurement`` on the query side.
+        layout: ``"train"``: the batch is ``(x0 [B, C, H, W], t [B, S], eps [B, S, C, H, W],
+            flip [B, S])`` and every draw may flip the image; ``"query"``: ``(x0, t, eps)`` or
+            ``(x0, t, eps, trajectory [B, T + 1, C, H, W])``, no flips.
+    """
+
+    def __init__(self, function: str, layout: str) -> None:
+        super().__init__()
+        if layout not in ("train", "query"):
+            raise ValueError(f"layout must be 'train' or 'query', got {layout!r}")
+        self.function = function
+        self.layout = layout
+
+    @property
+    def draw_axis_positions(self) -> tuple[int, ...]:
+        """Positions in the batch tuple of tensors with a draw axis at dim 1."""
+        return (1, 2, 3) if self.layout == "train" else (1, 2)
+
+    def get_output(
+        self,
+        model: nn.Module,
+        weights: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One example (traker vmaps over the batch): x0 ``[C, H, W]``, t ``[S]``,
+        eps ``[S, C, H, W]``, extra = flip ``[S]`` (train) or trajectory ``[T + 1, C, H, W]``
+        (query, trajectory-logprob only). Returns the scalar mean over the S draws."""
+        params = (dict(weights), dict(buffers))
+        if self.layout == "train":
+            n = t.shape[0]
+            x = x0.unsqueeze(0).expand(n, *x0.shape)  # [S, C, H, W]
+            x = torch.where(extra.reshape(n, 1, 1, 1), x.flip(-1), x)
+            values = torch.func.functional_call(
+                model, params, (x, t[:, None], eps[:, None]), {"name": self.function}
+            )  # [S, 1]
+        else:
+            trajectory = None if extra is None else extra.unsqueeze(0)
+            values = torch.func.functional_call(
+                model,
+                params,
+                (x0.unsqueeze(0), t.unsqueeze(0), eps.unsqueeze(0)),
+                {"name": self.function, "trajectory": trajectory},
+            )  # [1, S]
+        return values.mean()
+
+    def get_out_to_loss_grad(
+        self, model: nn.Module, weights: Any, buffers: Any, batch: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """TRAK's ``Q`` term: 1 for every example (no logistic reweighting), ``[B, 1]``."""
+        return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
+
+
+class _PerExampleGradientComputer(FunctionalGradientComputer):
+    """Per-example gradients of the model output, in one of two modes, over chunks of draws.
+
+    ``grad_mode="vmap"`` is traker's ``torch.func.vmap`` over the batch; ``"loop"`` runs one
+    ``torch.autograd.grad`` per example (about 2x faster than vmap for the U-Net on CPU, and
+    exactly independent of the batch composition). The output is a mean over draws, so the
+    gradient over all S draws is the chunk-size-weighted mean of the gradients over chunks of
+    ``draw_chunk_size`` draws (None: one pass). Both attributes are set after construction
+    (traker constructs this class itself).
+    """
+
+    draw_chunk_size: int | None = None
+    grad_mode: str = "vmap"
+
+    def _grads(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """``{name: [B, *param.shape]}`` gradients of each example's output."""
+        if self.grad_mode == "vmap":
+            return super().compute_per_sample_grad(batch=batch)
+        names = list(self.func_weights)
+        params = [self.func_weights[k] for k in names]
+        rows: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+        for i in range(batch[0].shape[0]):
+            with torch.enable_grad():
+                out = self.modelout_fn.get_output(
+                    self.model, self.func_weights, self.func_buffers, *(b[i] for b in batch)
+                )
+                grads = torch.autograd.grad(out, params, allow_unused=True)
+            for k, p, g in zip(names, params, grads, strict=True):
+                rows[k].append(torch.zeros_like(p) if g is None else g.detach())
+        return {k: torch.stack(v) for k, v in rows.items()}
+
+    def compute_per_sample_grad(self, batch):
+        n_draws = batch[1].shape[1]
+        chunk = self.draw_chunk_size or n_draws
+        if chunk >= n_draws:
+            return self._grads(batch)
+        positions = self.modelout_fn.draw_axis_positions
+        total: dict[str, torch.Tensor] | None = None
+        for start in range(0, n_draws, chunk):
+            stop = min(start + chunk, n_draws)
+            part = tuple(b[:, start:stop] if i in positions else b for i, b in enumerate(batch))
+            grads = self._grads(part)
+            weight = (stop - start) / n_draws
+            if total is None:
+                total = {k: g * weight for k, g in grads.items()}
+            else:
+                for k, g in grads.items():
+                    total[k] = total[k] + g * weight
+        return total
+
+
+class _BasicProjector(BasicProjector):
+    """traker's ``BasicProjector``, regenerating its matrix after ``free_memory``.
+
+    With a single block traker generates the matrix once and never again, but
+    ``finalize_features`` frees it before the queries are projected (an AttributeError in
+    traker 0.3.2). The regenerated matrix is identical (same generator state).
+    """
+
+    def project(self, grads, model_id: int) -> torch.Tensor:
+        if self.num_blocks == 1 and not self.proj_matrix_available:
+            self.generate_sketch_matrix(self.generator_states[0])
+        return super().project(grads, model_id)
+
+
+class _DampedScoreComputer(BasicScoreComputer):
+    """``X (X^T X + lambda_reg I)^{-1}`` solved in float64, without traker's rescaling.
+
+    traker's ``BasicScoreComputer`` inverts in float32 and divides the inverse by its mean
+    absolute entry (a float16 safeguard that changes the scores' scale). Here ``get_xtx``
+    returns the smaller Gram matrix (``X X^T`` when N < k, else ``X^T X``) and
+    ``get_x_xtx_inv`` solves the matching damped system; the two forms are equal
+    (push-through identity). Features are returned in traker's storage dtype.
+    """
+
+    block_rows: int = 8192
+
+    def _rows(self, grads: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, grads.shape[0], self.block_rows):
+            block = grads[start : start + self.block_rows]
+            yield start, block.to(self.device, torch.float64)
+
+    def get_xtx(self, grads: torch.Tensor) -> torch.Tensor:
+        n, k = grads.shape
+        if n < k:
+            x = grads.to(self.device, torch.float64)  # [N, k]
+            return x @ x.T  # [N, N]
+        result = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+        for _, block in self._rows(grads):
+            result += block.T @ block
+        return result  # [k, k]
+
+    def get_x_xtx_inv(self, grads: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+        n, k = grads.shape
+        eye = torch.eye(xtx.shape[0], dtype=torch.float64, device=self.device)
+        system = xtx.to(torch.float64) + self.lambda_reg * eye
+        try:
+            if n < k:
+                x = grads.to(self.device, torch.float64)
+                return torch.linalg.solve(system, x).to(self.dtype)  # [N, k]
+            chol = torch.linalg.cholesky(system)
+            out = torch.empty(n, k, dtype=self.dtype, device=self.device)
+            for start, block in self._rows(grads):
+                solved = torch.cholesky_solve(block.T, chol).T  # [b, k]
+                out[start : start + block.shape[0]] = solved.to(self.dtype)
+            return out
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(
+                f"the damped TRAK system is singular (traker lambda_reg = {self.lambda_reg:g}): "
+                "increase the damping"
+            ) from error
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _fingerprint(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:
+    """sha256 of the bytes (and names, shapes, dtypes) of tensors."""
+    digest = hashlib.sha256()
+    items = tensors.items() if isinstance(tensors, Mapping) else [("", tensors)]
+    for name, tensor in items:
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _spec_hash(spec: Mapping[str, Any]) -> str:
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _fast_jl_available() -> bool:
+    try:
+        import fast_jl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def _work_dir(cache: Any, key: str) -> Iterator[Path]:
+    """traker's save_dir: ``<cache.root>/_work/trak/<key>`` (kept), or a temporary directory."""
+    root = getattr(cache, "root", None) if cache is not None else None
+    if root is not None:
+        path = Path(root) / "_work" / "trak" / key
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="trak-") as tmp:
+            yield Path(tmp)
+
+
+def _read_finalized(path: Path) -> float | None:
+    try:
+        with open(path / _FINALIZED_FILE) as f:
+            return float(json.load(f)["lambda_reg"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_finalized(path: Path, lambda_reg: float) -> None:
+    tmp = path / f".{_FINALIZED_FILE}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"lambda_reg": lambda_reg}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / _FINALIZED_FILE)
+
+
+# --------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------
+
+
+class TRAK(AttributionMethod):
+    """TRAK (Park et al. 2023) for diffusion models, and D-TRAK (Zheng et al. 2024).
+
+    See the module docstring for the exact formula, the damping convention and the caching.
+    Registered as ``trak`` and as ``dtrak`` (``output_function="square-norm"``).
+    """
+
+    Config: ClassVar[type] = TRAKConfig
+    invariant_config_fields: ClassVar[dict[str, tuple[Any, Any]]] = {"batch_size": (1, 7)}
+
+    # ---- availability ----------------------------------------------------------------------
+
+    def availability(self) -> tuple[bool, str]:
+        if self.config.projector == "cuda":
+            if not torch.cuda.is_available():
+                return False, "projector='cuda' needs a CUDA device; use projector='basic'"
+            if not _fast_jl_available():
+                return False, (
+                    "projector='cuda' needs traker's CUDA kernels (pip install traker[fast]); "
+                    "use projector='basic'"
+                )
+        return True, ""
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _functions(self, ctx: MethodContext) -> tuple[str, str]:
+        """(training-side output function, query-side measurement)."""
+        if self.config.output_function == "square-norm":
+            return "square-norm", "square-norm"
+        parse_measurement(ctx.measurement, ctx.schedule.num_timesteps)
+        return "loss", ctx.measurement
+
+    def _projector(self, n_params: int, device: torch.device, seed: int):
+        """(projector or None to let traker pick fast_jl, proj_dim)."""
+        cfg = self.config
+        if cfg.projector == "identity":
+            return NoOpProjector(device=device), n_params
+        proj_dim = cfg.proj_dim
+        if proj_dim > n_params:
+            warnings.warn(
+                f"TRAK proj_dim={proj_dim} exceeds the number of parameters {n_params}: capped "
+                f"at {n_params} (use projector='identity' for the exact, unprojected scores)",
+                stacklevel=3,
+            )
+            proj_dim = n_params
+        use_cuda_kernel = device.type == "cuda" and (
+            cfg.projector == "cuda" or (cfg.projector == "auto" and _fast_jl_available())
+        )
+        if use_cuda_kernel:
+            return None, proj_dim  # traker builds (Chunked)CudaProjector with Rademacher entries
+        n_blocks = math.ceil(proj_dim * n_params * 4 / (cfg.projector_block_mb * 2**20))
+        block = math.ceil(proj_dim / n_blocks)  # balanced blocks within the budget
+        proj_type = ProjectionType.normal if device.type == "cpu" else ProjectionType.rademacher
+        projector = _BasicProjector(
+            grad_dim=n_params,
+            proj_dim=proj_dim,
+            seed=seed,
+            proj_type=proj_type,
+            device=device,
+            block_size=block,
+            dtype=torch.float32,
+        )
+        return projector, proj_dim
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    def score(self, ctx: MethodContext) -> np.ndarray:
+        """``# [n_queries, n_train]`` float64 TRAK scores (formula in the module docstring)."""
+        available, reason = self.availability()
+        if not available:
+            raise MethodUnavailableError(reason)
+        cfg = self.config
+        train_fn_name, query_fn_name = self._functions(ctx)
+        if query_fn_name.startswith("trajectory-logprob") and ctx.query_trajectories is None:
+            raise ValueError(
+                "measurement 'trajectory-logprob' needs ctx.query_trajectories "
+                "[n_queries, T + 1, C, H, W]"
+            )
+        device = torch.device(ctx.device)
+        n_train, n_queries = ctx.n_train, ctx.n_queries
+        n_samples = cfg.grad_samples or ctx.grad_samples
+        image_shape = tuple(int(s) for s in ctx.train_images.shape[1:])
+        num_t = ctx.schedule.num_timesteps
+        projector_seed = example_seed(ctx.seed, PROJECTION_STREAM, 0) % (2**30)
+
+        base = _copy_model(ctx.model, device)
+        wrapper = _MeasuredModel(base, ctx.schedule).to(device).eval()
+        state = wrapper.state_dict()
+        n_params = sum(p.numel() for p in wrapper.parameters())
+        if cfg.projector == "identity" and n_params > 20_000:
+            raise ValueError(
+                f"projector='identity' builds a {n_params} x {n_params} system; it is meant for "
+                "small test models: use a random projection ('auto' or 'basic')"
+            )
+        projector, proj_dim = self._projector(n_params, device, projector_seed)
+
+        spec = {
+            "method": "trak",
+            "traker": TRAK_VERSION,
+            "config": {
+                k: v
+                for k, v in asdict(cfg).items()
+                if k
+                not in (
+                    "damping",
+                    "batch_size",
+                    "proj_max_batch_size",
+                    "draw_chunk_size",
+                    "grad_mode",
+                )
+            },
+            "proj_dim": proj_dim,
+            "train_function": train_fn_name,
+            "grad_samples": n_samples,
+            "hflip": bool(ctx.hflip),
+            "seed": ctx.seed,
+            "device_type": device.type,
+            "n_train": n_train,
+            "model": _fingerprint(state),
+            "train_images": _fingerprint(ctx.train_images),
+            "schedule": asdict(ctx.schedule),
+            "cache_spec": dict(ctx.cache_spec),
+        }
+        lambda_reg = float(n_train * cfg.damping)
+        batch_size = cfg.batch_size
+        if projector is None:
+            batch_size = min(batch_size, cfg.proj_max_batch_size)
+
+        with _work_dir(ctx.cache, _spec_hash(spec)) as save_dir:
+            traker = TRAKer(
+                model=wrapper,
+                task=DiffusionModelOutput(train_fn_name, "train"),
+                train_set_size=n_train,
+                save_dir=str(save_dir),
+                load_from_save_dir=True,
+                device=str(device),
+                gradient_computer=_PerExampleGradientComputer,
+                projector=projector,
+                score_computer=_DampedScoreComputer,
+                proj_dim=proj_dim,
+                logging_level=logging.WARNING,
+                use_half_precision=False,
+                proj_max_batch_size=cfg.proj_max_batch_size,
+                projector_seed=projector_seed,
+                lambda_reg=lambda_reg,
+            )
+            traker.gradient_computer.draw_chunk_size = cfg.draw_chunk_size
+            traker.gradient_computer.grad_mode = (
+                cfg.grad_mode
+                if cfg.grad_mode != "auto"
+                else ("loop" if device.type == "cpu" else "vmap")
+            )
+            train_images = ctx.train_images.detach()
+
+            # ---- featurise the training set (resumes: skips flagged examples) ----
+            traker.load_checkpoint(state, model_id=_MODEL_ID)
+            done = np.asarray(traker.saver.current_store["is_featurized"]).reshape(-1)
+            todo = np.flatnonzero(done == 0)
+            batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+            for inds in tqdm(batches, desc="TRAK featurise", disable=not ctx.progress):
+                t, eps, flip = _batch_draws(
+                    ctx.seed, TRAIN_STREAM, inds, n_samples, image_shape, num_t, ctx.hflip
+                )
+                x0 = train_images[torch.from_numpy(inds)].to(device)
+                dtype = x0.dtype
+                batch = (x0, t.to(device), eps.to(device, dtype), flip.to(device))
+                traker.featurize(batch=batch, inds=inds)
+
+            # ---- finalise: Phi (Phi^T Phi + lambda_reg I)^-1, redone if the damping changed ----
+            meta = traker.saver.model_ids[_MODEL_ID]
+            if meta["is_finalized"] != 1 or _read_finalized(save_dir) != lambda_reg:
+                meta["is_finalized"] = 0
+                with _quiet_traker_bars(ctx.progress):
+                    traker.finalize_features(model_ids=[_MODEL_ID])
+                _write_finalized(save_dir, lambda_reg)
+
+            # ---- query gradients and scores ----
+            query_spec = {
+                "queries": _fingerprint(ctx.query_images),
+                "function": query_fn_name,
+                "grad_samples": n_samples,
+                "seed": ctx.seed,
+            }
+            exp_name = "q" + _spec_hash(query_spec)
+            traker.gradient_computer.modelout_fn = DiffusionModelOutput(query_fn_name, "query")
+            traker.task = traker.gradient_computer.modelout_fn
+            traker.start_scoring_checkpoint(
+                exp_name=exp_name, checkpoint=state, model_id=_MODEL_ID, num_targets=n_queries
+            )
+            query_images = ctx.query_images.detach()
+            q_batches = [
+                np.arange(i, min(i + batch_size, n_queries))
+                for i in range(0, n_queries, batch_size)
+            ]
+            for inds in tqdm(q_batches, desc="TRAK queries", disable=not ctx.progress):
+                t, eps, _ = _batch_draws(
+                    ctx.seed, QUERY_STREAM, inds, n_samples, image_shape, num_t, False
+                )
+                x0 = query_images[torch.from_numpy(inds)].to(device)
+                batch: tuple[torch.Tensor, ...] = (x0, t.to(device), eps.to(device, x0.dtype))
+                if query_fn_name == "trajectory-logprob":
+                    traj = ctx.query_trajectories[torch.from_numpy(inds)]
+                    batch = (*batch, traj.to(device, x0.dtype))
+                traker.score(batch=batch, inds=inds)
+            with _quiet_traker_bars(ctx.progress):
+                raw = traker.finalize_scores(exp_name=exp_name, model_ids=[_MODEL_ID])
+            scores = np.array(raw, dtype=np.float64).T  # [n_queries, n_train]
+            _drop_experiment_files(save_dir, exp_name)
+        if not np.all(np.isfinite(scores)):
+            raise FloatingPointError(
+                "TRAK produced non-finite scores: increase the damping or check the model"
+            )
+        return scores
+
+
+def _copy_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """A detached copy on ``device`` in eval mode (traker loads state dicts into its model)."""
+    clone = copy.deepcopy(model).to(device).eval()
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone
+
+
+@contextmanager
+def _quiet_traker_bars(progress: bool) -> Iterator[None]:
+    """traker's finalize_* show a tqdm bar over model ids; silence it unless progress."""
+    import trak.traker as traker_module
+
+    original = traker_module.tqdm
+    if not progress:
+        traker_module.tqdm = lambda iterable, *a, **k: iterable
+    try:
+        yield
+    finally:
+        traker_module.tqdm = original
+
+
+def _drop_experiment_files(save_dir: Path, exp_name: str) -> None:
+    """Remove a finished experiment's memory maps (the scores are returned, not reused)."""
+    for path in (
+        save_dir / str(_MODEL_ID) / f"{exp_name}_grads.mmap",
+        save_dir / "scores" / f"{exp_name}.mmap",
+    ):
+        path.unlink(missing_ok=True)
