@@ -203,7 +203,7 @@ def run(config: LDSConfig) -> LDSResult:
             cls = build_method(name, {})
             has_damping = "damping" in asdict(cls.config)
             for damping in _damping_values(config, has_damping):
-                options = dict(config.options)
+                options = {**dict(setting.method_options), **config.options}
                 if damping is not None:
                     options["damping"] = damping
                 outcome = run_method(

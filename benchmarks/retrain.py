@@ -195,7 +195,7 @@ def run(config: RetrainConfig) -> pd.DataFrame:
         outcome = run_method(
             experiment,
             name,
-            dict(config.options),
+            {**dict(setting.method_options), **config.options},
             measurement=config.measurement,
             target=config.measurement,
         )

@@ -139,6 +139,9 @@ class Setting:
             first ones), in [1, n_queries] (App. G.6: 5).
         retrain_fractions: fractions of the training set removed in that benchmark, each in
             (0, 1), distinct (App. G.6: 2% and 10%).
+        method_options: method option defaults of this preset, as ``(field, value)`` pairs,
+            applied to every method whose config has the field (e.g. TRAK's ``proj_dim``: the
+            paper's 32768 exceeds the digits models' parameter count); ``--option`` overrides.
         seed: master seed of the run (base model, queries, subsets, MC draws are derived from
             it), in [0, 2**63).
         schedule: the DDPM noise schedule (paper: T = 1000, linear 1e-4..0.02).
@@ -160,6 +163,7 @@ class Setting:
     subset_fraction: float = 0.5
     n_retrain_queries: int = 5
     retrain_fractions: tuple[float, ...] = (0.02, 0.10)
+    method_options: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
     schedule: NoiseSchedule = dataclasses.field(default_factory=NoiseSchedule)
 
@@ -238,6 +242,14 @@ class Setting:
                 "Setting.retrain_fractions must be a non-empty tuple of distinct floats in "
                 f"(0, 1), got {fractions!r}"
             )
+        if isinstance(self.method_options, Mapping):
+            object.__setattr__(self, "method_options", tuple(self.method_options.items()))
+        options = tuple(tuple(pair) for pair in self.method_options)
+        if any(len(pair) != 2 or not isinstance(pair[0], str) for pair in options):
+            raise ValueError(
+                f"Setting.method_options must be (field, value) pairs, got {self.method_options!r}"
+            )
+        object.__setattr__(self, "method_options", options)
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise ValueError(f"Setting.seed must be an int in [0, 2**63), got {self.seed!r}")
 
@@ -354,6 +366,7 @@ def _smoke() -> Setting:
         kfac_mc_samples=16,
         query_grad_mc_samples=16,
         n_retrain_queries=2,
+        method_options=(("proj_dim", 512),),
     )
 
 
@@ -375,6 +388,7 @@ def _quick() -> Setting:
         grad_mc_samples=64,
         kfac_mc_samples=64,
         query_grad_mc_samples=64,
+        method_options=(("proj_dim", 4096),),
     )
 
 
