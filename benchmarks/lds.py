@@ -37,6 +37,8 @@ class LDSConfig:
         damping: damping for every method with a damping option; None = each method's default.
         damping_sweep: evaluate methods with a damping option at every value of ``sweep``.
         sweep: damping values of the sweep.
+        compression_ablation: also evaluate methods with a ``quantize`` option with float32,
+            int16 and int8 query gradients (Figure 6; rows carry a ``bits`` column).
         options: further method options (``FIELD -> value``), applied where a method has them.
         out: directory for the result tables.
         cache_dir: artifact store directory.
@@ -59,6 +61,7 @@ class LDSConfig:
     damping: float | None = None
     damping_sweep: bool = False
     sweep: tuple[float, ...] = DEFAULT_SWEEP
+    compression_ablation: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     out: str = "results"
     cache_dir: str = DEFAULT_CACHE_DIR
@@ -106,12 +109,20 @@ class LDSResult:
     files: dict[str, Path]
 
 
-def _damping_values(config: LDSConfig, has_damping: bool) -> list[float | None]:
-    if not has_damping:
-        return [None]
-    if config.damping_sweep:
-        return list(config.sweep)
-    return [config.damping]
+_BITS = {None: 32, "int16": 16, "int8": 8}
+
+
+def _variants(config: LDSConfig, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """The option sets one method is evaluated with: dampings (``--damping``,
+    ``--damping-sweep``) and, with ``--compression-ablation``, query-gradient quantisations."""
+    dampings: list[dict[str, Any]] = [{}]
+    if "damping" in defaults and config.damping_sweep:
+        dampings = [{"damping": d} for d in config.sweep]
+    elif "damping" in defaults and config.damping is not None:
+        dampings = [{"damping": config.damping}]
+    if not (config.compression_ablation and "quantize" in defaults):
+        return dampings
+    return dampings + [{**d, "quantize": q} for d in dampings for q in _BITS]
 
 
 def run(config: LDSConfig) -> LDSResult:
@@ -129,6 +140,7 @@ def run(config: LDSConfig) -> LDSResult:
     )
     from benchmarks.pipeline import get_base_model, get_queries, load_train_set, resolve_device
     from benchmarks.provenance import StageLog, collect_provenance, write_result_json
+    from benchmarks.reports import save_influence_examples, save_model_correlation
     from benchmarks.results import format_table, per_query_frame, result_row, write_results
     from benchmarks.runner import Experiment, build_method, run_method
     from benchmarks.settings import get_preset
@@ -189,6 +201,21 @@ def run(config: LDSConfig) -> LDSResult:
     )
 
     rows, per_query, lds_by_key = [], [], {}
+    run_name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + "-".join(config.methods)
+    figure1_written: set[str] = set()
+    if setting.n_seeds >= 2:  # Figure 17: one measurement by two models of the same subset
+        for target in config.targets:
+            save_model_correlation(
+                Path(config.out)
+                / "lds"
+                / setting.name
+                / f"{run_name}.{target}.model_correlation.npz",
+                truth.values[target][0, 0],
+                truth.values[target][1, 0],
+                label_a="subset 0, seed 0",
+                label_b="subset 0, seed 1",
+                measurement=target,
+            )
     for target in config.targets:
         targets_mean = truth.mean_over_seeds(target)  # [n_subsets, n_queries]
         if setting.n_seeds >= 2:
@@ -200,12 +227,9 @@ def run(config: LDSConfig) -> LDSResult:
                 per_query_frame("noise-ceiling", target, target, None, ceiling, preset=setting.name)
             )
         for name in config.methods:
-            cls = build_method(name, {})
-            has_damping = "damping" in asdict(cls.config)
-            for damping in _damping_values(config, has_damping):
-                options = {**dict(setting.method_options), **config.options}
-                if damping is not None:
-                    options["damping"] = damping
+            defaults = asdict(build_method(name, {}).config)
+            for variant in _variants(config, defaults):
+                options = {**dict(setting.method_options), **config.options, **variant}
                 outcome = run_method(
                     experiment,
                     name,
@@ -214,32 +238,37 @@ def run(config: LDSConfig) -> LDSResult:
                     target=target,
                     masks=truth.masks,
                 )
-                extra = {"default_damping": asdict(cls.config).get("damping")}
-                if outcome.status != "ok":
-                    print(f"[{name}] {outcome.status}: {outcome.reason}", file=sys.stderr)
-                    rows.append(
-                        result_row(
+                extra = {"default_damping": defaults.get("damping")}
+                if "quantize" in variant:
+                    extra["bits"] = _BITS[variant["quantize"]]
+                lds = None
+                if outcome.status == "ok":
+                    predictions = (
+                        outcome.predictions
+                        if outcome.scores is None
+                        else predictions_from_scores(outcome.scores, truth.masks)
+                    )
+                    lds = lds_per_query(predictions, targets_mean)
+                    per_query.append(
+                        per_query_frame(
                             name,
                             outcome.measurement,
                             target,
                             outcome.damping,
-                            None,
+                            lds,
                             preset=setting.name,
-                            status=outcome.status,
-                            reason=outcome.reason,
-                            seconds=outcome.seconds,
-                            peak_memory_mb=outcome.peak_memory_mb,
                             **extra,
                         )
                     )
-                    continue
-                predictions = (
-                    outcome.predictions
-                    if outcome.scores is None
-                    else predictions_from_scores(outcome.scores, truth.masks)
-                )
-                lds = lds_per_query(predictions, targets_mean)
-                lds_by_key[(name, target, outcome.damping)] = lds
+                    if "quantize" not in variant:
+                        lds_by_key[(name, target, outcome.damping)] = lds
+                    print(
+                        f"[{name}] {target}: LDS {summarize(lds).mean:.3f} "
+                        f"({outcome.seconds:.1f} s)",
+                        file=sys.stderr,
+                    )
+                else:
+                    print(f"[{name}] {outcome.status}: {outcome.reason}", file=sys.stderr)
                 rows.append(
                     result_row(
                         name,
@@ -248,20 +277,24 @@ def run(config: LDSConfig) -> LDSResult:
                         outcome.damping,
                         lds,
                         preset=setting.name,
+                        status=outcome.status,
+                        reason=outcome.reason,
                         seconds=outcome.seconds,
                         peak_memory_mb=outcome.peak_memory_mb,
                         **extra,
                     )
                 )
-                per_query.append(
-                    per_query_frame(
-                        name, outcome.measurement, target, outcome.damping, lds, preset=setting.name
+                if outcome.scores is not None and name not in figure1_written:
+                    figure1_written.add(name)
+                    save_influence_examples(
+                        Path(config.out)
+                        / "lds"
+                        / setting.name
+                        / f"{run_name}.{name}.influence_examples.npz",
+                        queries.images.numpy(),
+                        train_set.images.numpy(),
+                        outcome.scores,
                     )
-                )
-                print(
-                    f"[{name}] {target}: LDS {summarize(lds).mean:.3f} ({outcome.seconds:.1f} s)",
-                    file=sys.stderr,
-                )
 
     paired_rows = []
     for (name, target, damping), lds in lds_by_key.items():
@@ -286,7 +319,6 @@ def run(config: LDSConfig) -> LDSResult:
     summary = pd.DataFrame(rows)
     per_query_df = pd.concat(per_query, ignore_index=True) if per_query else pd.DataFrame()
     paired = pd.DataFrame(paired_rows)
-    run_name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + "-".join(config.methods)
     out_dir = Path(config.out) / "lds" / setting.name
     provenance = {
         **collect_provenance(),
@@ -363,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="overrides",
         help="setting override, e.g. n_subsets=64",
     )
+    parser.add_argument(
+        "--compression-ablation",
+        action="store_true",
+        help="also run methods with a quantize option at 32/16/8 bits (Figure 6)",
+    )
     parser.add_argument("--out", default="results", help="directory of result tables")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
     parser.add_argument(
@@ -399,6 +436,7 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         measurement=args.measurement,
         damping=args.damping,
         damping_sweep=args.damping_sweep,
+        compression_ablation=args.compression_ablation,
         options=parse_key_values(args.option, "--option"),
         out=args.out,
         cache_dir=args.cache_dir,
