@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,3 +71,9 @@ def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"--set {head} and --set {key} conflict; give one of them")
         branch[rest] = value
     return nested
+
+
+def run_label(methods: tuple[str, ...]) -> str:
+    """A result file stem: UTC time and the methods (``all-<n>-methods`` beyond three)."""
+    names = "-".join(methods) if len(methods) <= 3 else f"all-{len(methods)}-methods"
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + names

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +128,7 @@ def run(config: LDSConfig) -> LDSResult:
     """Run the LDS benchmark described by ``config``."""
     import torch  # imports are deferred so that --help is instant
 
+    from benchmarks.cli import run_label
     from benchmarks.executors import make_executor
     from benchmarks.groundtruth import compute_ground_truth
     from benchmarks.metrics import (
@@ -201,7 +201,7 @@ def run(config: LDSConfig) -> LDSResult:
     )
 
     rows, per_query, lds_by_key = [], [], {}
-    run_name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + "-".join(config.methods)
+    run_name = run_label(config.methods)
     figure1_written: set[str] = set()
     if setting.n_seeds >= 2:  # Figure 17: one measurement by two models of the same subset
         for target in config.targets:

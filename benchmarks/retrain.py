@@ -146,6 +146,7 @@ def run(config: RetrainConfig) -> pd.DataFrame:
     """Run the benchmark; returns the long table (method, fraction, query, delta_loss)."""
     import torch
 
+    from benchmarks.cli import run_label
     from benchmarks.executors import make_executor, raise_failures
     from benchmarks.metrics import summarize
     from benchmarks.pipeline import (
@@ -261,7 +262,7 @@ def run(config: RetrainConfig) -> pd.DataFrame:
     )
     out_dir = Path(config.out) / "retrain" / setting.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + "-".join(config.methods)
+    run_name = run_label(config.methods)
     atomic_write_text(out_dir / f"{run_name}.retrain.csv", table.to_csv(index=False))
     from benchmarks.provenance import write_result_json
 
