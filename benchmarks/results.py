@@ -399,6 +399,11 @@ def format_lds(mean: float, se: float) -> str:
     return f"{100 * mean:.1f} ± {100 * se:.1f}"
 
 
+def _shorten(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis (the full reason is in the CSV)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_table(summary_df: pd.DataFrame) -> str:
     """A plain-text table of a summary for the terminal, one line per row, in input order.
 
@@ -430,7 +435,7 @@ def format_table(summary_df: pd.DataFrame) -> str:
                 str(r.n_queries) if ok else "—",
                 _fmt_number(r.seconds, "%.1f"),
                 _fmt_number(r.peak_memory_mb, "%.0f"),
-                r.status if ok else f"{r.status}: {r.reason}",
+                r.status if ok else _shorten(f"{r.status}: {r.reason}", 72),
             ]
         )
     widths = [
