@@ -104,6 +104,11 @@ _PNG_DPI = 120
 # ---------------------------------------------------------------- shared helpers
 
 
+def _short(text: str, width: int) -> str:
+    """A reason cut to fit beside a bar (the full text is in the summary CSV)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _save(fig: Figure, out_path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_PNG_DPI, bbox_inches="tight")
@@ -224,7 +229,7 @@ def plot_lds_bars(
             ax.text(
                 x_min,
                 yi,
-                f"  n/a ({row.status}: {row.reason})",
+                f"  n/a ({row.status}: {_short(str(row.reason), 48)})",
                 va="center",
                 fontsize=8,
                 color="0.4",
