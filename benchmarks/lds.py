@@ -126,7 +126,6 @@ def _variants(config: LDSConfig, defaults: dict[str, Any]) -> list[dict[str, Any
 
 def run(config: LDSConfig) -> LDSResult:
     """Run the LDS benchmark described by ``config``."""
-    import torch  # imports are deferred so that --help is instant
 
     from benchmarks.cli import run_label
     from benchmarks.executors import make_executor
@@ -138,26 +137,22 @@ def run(config: LDSConfig) -> LDSResult:
         predictions_from_scores,
         summarize,
     )
-    from benchmarks.pipeline import get_base_model, get_queries, load_train_set, resolve_device
+    from benchmarks.pipeline import get_base_model, get_queries, load_train_set
     from benchmarks.provenance import StageLog, collect_provenance, write_result_json
     from benchmarks.reports import save_influence_examples, save_model_correlation
     from benchmarks.results import format_table, per_query_frame, result_row, write_results
-    from benchmarks.runner import Experiment, build_method, run_method
-    from benchmarks.settings import get_preset
+    from benchmarks.runner import Experiment, build_method, prepare_run, run_method
     from benchmarks.store import ArtifactStore
     from diffusion.measurements import parse_measurement
 
-    setting = get_preset(config.preset)
-    if config.overrides:
-        setting = setting.replace(**config.overrides)
-    for name in (*config.targets, *([config.measurement] if config.measurement else [])):
-        parse_measurement(name, setting.schedule.num_timesteps)
-    for name in config.methods:
-        build_method(name, {})  # unknown names fail here, before any work
-    device = resolve_device(config.device)
-    threads = config.threads or (1 if setting.dataset.startswith("digits") else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    setting, device = prepare_run(
+        config.preset,
+        config.overrides,
+        (*config.targets, *([config.measurement] if config.measurement else [])),
+        config.methods,
+        config.device,
+        config.threads,
+    )
     store = ArtifactStore(Path(config.cache_dir))
     stages = StageLog()
     needs_trajectories = any(

@@ -144,7 +144,6 @@ def top_removal(scores_row: np.ndarray, n_remove: int) -> np.ndarray:
 
 def run(config: RetrainConfig) -> pd.DataFrame:
     """Run the benchmark; returns the long table (method, fraction, query, delta_loss)."""
-    import torch
 
     from benchmarks.cli import run_label
     from benchmarks.executors import make_executor, raise_failures
@@ -155,26 +154,21 @@ def run(config: RetrainConfig) -> pd.DataFrame:
         get_queries,
         load_train_set,
         measure_queries,
-        resolve_device,
     )
     from benchmarks.provenance import collect_provenance
     from benchmarks.results import atomic_write_text
-    from benchmarks.runner import Experiment, build_method, run_method
-    from benchmarks.settings import get_preset
+    from benchmarks.runner import Experiment, prepare_run, run_method
     from benchmarks.store import ArtifactStore
-    from diffusion.measurements import parse_measurement
 
-    setting = get_preset(config.preset)
-    if config.overrides:
-        setting = setting.replace(**config.overrides)
-    parse_measurement(config.measurement, setting.schedule.num_timesteps)
-    for name in config.methods:
-        build_method(name, {})
+    setting, device = prepare_run(
+        config.preset,
+        config.overrides,
+        (config.measurement,),
+        config.methods,
+        config.device,
+        config.threads,
+    )
     fractions = tuple(config.fractions or setting.retrain_fractions)
-    device = resolve_device(config.device)
-    threads = config.threads or (1 if setting.dataset.startswith("digits") else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
     store = ArtifactStore(Path(config.cache_dir))
     started = time.perf_counter()
 

@@ -79,6 +79,38 @@ class MethodRun:
         return float(value) if value is not None else None
 
 
+def prepare_run(
+    preset: str,
+    overrides: dict[str, Any],
+    measurements: tuple[str, ...],
+    methods: tuple[str, ...],
+    device: str,
+    threads: int | None,
+) -> tuple[Setting, torch.device]:
+    """Validate a runner's input before any work and configure this process.
+
+    Resolves the preset with its overrides, checks every measurement and method name (the
+    errors list the valid ones), resolves the device, and sets torch's intra-op threads
+    (default: 1 for the digits presets, whose tiny models run fastest on one thread).
+    """
+    from benchmarks.pipeline import resolve_device
+    from benchmarks.settings import get_preset
+    from diffusion.measurements import parse_measurement
+
+    setting = get_preset(preset)
+    if overrides:
+        setting = setting.replace(**overrides)
+    for name in measurements:
+        parse_measurement(name, setting.schedule.num_timesteps)
+    for name in methods:
+        build_method(name, {})  # unknown names fail here, before any work
+    resolved = resolve_device(device)
+    threads = threads or (1 if setting.dataset.startswith("digits") else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return setting, resolved
+
+
 def build_method(name: str, options: dict[str, Any]) -> AttributionMethod:
     """Method ``name`` with those ``options`` that its config has (others are ignored, so one
     option set such as ``{"damping": 1e-3, "proj_dim": 4096}`` can serve every method)."""
