@@ -1,1 +1,0 @@
-"""Example plugin: negative Euclidean distance in pixel space as an attribution score."""
