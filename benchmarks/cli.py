@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -77,3 +78,93 @@ def run_label(methods: tuple[str, ...]) -> str:
     """A result file stem: UTC time and the methods (``all-<n>-methods`` beyond three)."""
     names = "-".join(methods) if len(methods) <= 3 else f"all-{len(methods)}-methods"
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + names
+
+
+DEFAULT_CACHE_DIR = ".cache/harness"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a runner works (shared by the LDS and retraining runners).
+
+    Attributes:
+        out: directory for the result tables.
+        cache_dir: artifact store directory.
+        data_dir: where CIFAR-10 lives (``cifar-10-batches-py``), if not downloadable.
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        executor: ``local``, ``pool`` or ``ray`` for the retraining tasks.
+        workers: processes of the pool / CPUs of a local Ray cluster.
+        ray_address: address of an existing Ray cluster.
+        overrides: setting overrides (``n_subsets=64``), applied to the preset.
+        threads: torch intra-op threads in this process (None: 1 for the digits presets, whose
+            models are so small that one thread is fastest, else torch's default).
+        progress: show progress bars.
+    """
+
+    out: str = "results"
+    cache_dir: str = DEFAULT_CACHE_DIR
+    data_dir: str | None = None
+    device: str = "auto"
+    executor: str = "local"
+    workers: int = 2
+    ray_address: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of :class:`RunOptions`."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        dest="overrides",
+        help="setting override, e.g. n_subsets=64",
+    )
+    parser.add_argument("--out", default="results", help="directory of result tables")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory holding cifar-10-batches-py (CIFAR presets offline)",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "pool", "ray"],
+        help="where retraining tasks run",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="pool / local Ray workers")
+    parser.add_argument("--ray-address", default=None, help="existing Ray cluster address")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 for the digits presets, else all)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`RunOptions` fields from arguments parsed with :func:`add_run_arguments`."""
+    return {
+        "out": args.out,
+        "cache_dir": args.cache_dir,
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "executor": args.executor,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
+        "overrides": nest_overrides(parse_key_values(args.overrides, "--set")),
+        "threads": args.threads,
+        "progress": not args.no_progress,
+    }

@@ -18,12 +18,13 @@ from typing import Any
 
 import pandas as pd
 
-DEFAULT_CACHE_DIR = ".cache/harness"
+from benchmarks.cli import RunOptions, add_run_arguments
+
 DEFAULT_SWEEP = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1e1, 1e3)
 
 
 @dataclass(frozen=True)
-class LDSConfig:
+class LDSConfig(RunOptions):
     """What an LDS run does.
 
     Attributes:
@@ -39,18 +40,7 @@ class LDSConfig:
         compression_ablation: also evaluate methods with a ``quantize`` option with float32,
             int16 and int8 query gradients (Figure 6; rows carry a ``bits`` column).
         options: further method options (``FIELD -> value``), applied where a method has them.
-        out: directory for the result tables.
-        cache_dir: artifact store directory.
-        data_dir: where CIFAR-10 lives (``cifar-10-batches-py``), if not downloadable.
-        device: ``auto``, ``cpu`` or ``cuda[:i]``.
-        executor: ``local``, ``pool`` or ``ray`` for the ground-truth retraining.
-        workers: processes of the pool / CPUs of a local Ray cluster.
-        ray_address: address of an existing Ray cluster.
-        overrides: setting overrides (``n_subsets=64``), applied to the preset.
-        threads: torch intra-op threads in this process (None: torch's default). The digits
-            presets' models are so small that one thread is fastest (use ``--executor pool``
-            for parallelism); CIFAR-size models want all cores.
-        progress: show progress bars.
+        (and the fields of ``benchmarks.cli.RunOptions``: out, cache_dir, device, ...)
     """
 
     methods: tuple[str, ...] = ("kfac",)
@@ -62,16 +52,6 @@ class LDSConfig:
     sweep: tuple[float, ...] = DEFAULT_SWEEP
     compression_ablation: bool = False
     options: dict[str, Any] = field(default_factory=dict)
-    out: str = "results"
-    cache_dir: str = DEFAULT_CACHE_DIR
-    data_dir: str | None = None
-    device: str = "auto"
-    executor: str = "local"
-    workers: int = 2
-    ray_address: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -85,10 +65,7 @@ class LDSConfig:
         for value in values:
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"damping must be a finite number > 0, got {value!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -383,46 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="method option where a method has it, e.g. proj_dim=4096",
     )
     parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        dest="overrides",
-        help="setting override, e.g. n_subsets=64",
-    )
-    parser.add_argument(
         "--compression-ablation",
         action="store_true",
         help="also run methods with a quantize option at 32/16/8 bits (Figure 6)",
     )
-    parser.add_argument("--out", default="results", help="directory of result tables")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="directory holding cifar-10-batches-py (CIFAR presets offline)",
-    )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    parser.add_argument(
-        "--executor",
-        default="local",
-        choices=["local", "pool", "ray"],
-        help="where ground-truth retraining runs",
-    )
-    parser.add_argument("--workers", type=int, default=2, help="pool / local Ray workers")
-    parser.add_argument("--ray-address", default=None, help="existing Ray cluster address")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch threads (default: 1 for the digits presets, else all)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_arguments(parser)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> LDSConfig:
-    from benchmarks.cli import nest_overrides, parse_key_values
+    from benchmarks.cli import parse_key_values, run_option_values
 
     return LDSConfig(
         methods=tuple(args.methods or ["kfac"]),
@@ -433,16 +380,7 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         damping_sweep=args.damping_sweep,
         compression_ablation=args.compression_ablation,
         options=parse_key_values(args.option, "--option"),
-        out=args.out,
-        cache_dir=args.cache_dir,
-        data_dir=args.data_dir,
-        device=args.device,
-        executor=args.executor,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        overrides=nest_overrides(parse_key_values(args.overrides, "--set")),
-        threads=args.threads,
-        progress=not args.no_progress,
+        **run_option_values(args),
     )
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.lds import DEFAULT_CACHE_DIR, LDSConfig
+from benchmarks.cli import DEFAULT_CACHE_DIR
+from benchmarks.lds import LDSConfig
 
 
 def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -> str:

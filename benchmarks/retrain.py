@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmarks.lds import DEFAULT_CACHE_DIR
+from benchmarks.cli import RunOptions, add_run_arguments
 
 RANDOM_REMOVAL = "random-removal"
 
 
 @dataclass(frozen=True)
-class RetrainConfig:
+class RetrainConfig(RunOptions):
     """What a retraining-without-top-influences run does.
 
     Attributes:
@@ -37,16 +37,7 @@ class RetrainConfig:
         preset: setting preset.
         measurement: measurement whose change is reported (and which methods differentiate).
         options: method options (``FIELD -> value``) where a method has them.
-        out: directory for result tables.
-        cache_dir: artifact store directory.
-        data_dir: CIFAR directory, if needed.
-        device: ``auto``, ``cpu`` or ``cuda[:i]``.
-        executor: ``local``, ``pool`` or ``ray`` for the retraining.
-        workers: pool / local Ray workers.
-        ray_address: existing Ray cluster address.
-        overrides: setting overrides.
-        threads: torch threads in this process (None: 1 for digits presets, else default).
-        progress: show progress bars.
+        (and the fields of ``benchmarks.cli.RunOptions``: out, cache_dir, device, ...)
     """
 
     methods: tuple[str, ...] = ("kfac",)
@@ -54,18 +45,9 @@ class RetrainConfig:
     preset: str = "quick"
     measurement: str = "loss"
     options: dict[str, Any] = field(default_factory=dict)
-    out: str = "results"
-    cache_dir: str = DEFAULT_CACHE_DIR
-    data_dir: str | None = None
-    device: str = "auto"
-    executor: str = "local"
-    workers: int = 2
-    ray_address: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.methods:
             raise ValueError("give at least one --method")
         for fraction in self.fractions or ():
@@ -309,28 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="method option where a method has it",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        dest="overrides",
-        help="setting override, e.g. n_retrain_queries=3",
-    )
-    parser.add_argument("--out", default="results", help="directory of result tables")
-    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
-    parser.add_argument("--data-dir", default=None, help="directory holding cifar-10-batches-py")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    parser.add_argument("--executor", default="local", choices=["local", "pool", "ray"])
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cli import nest_overrides, parse_key_values, usage_errors
+    from benchmarks.cli import parse_key_values, run_option_values, usage_errors
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -341,16 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             preset=args.preset,
             measurement=args.measurement,
             options=parse_key_values(args.option, "--option"),
-            out=args.out,
-            cache_dir=args.cache_dir,
-            data_dir=args.data_dir,
-            device=args.device,
-            executor=args.executor,
-            workers=args.workers,
-            ray_address=args.ray_address,
-            overrides=nest_overrides(parse_key_values(args.overrides, "--set")),
-            threads=args.threads,
-            progress=not args.no_progress,
+            **run_option_values(args),
         )
         run(config)
     return 0
