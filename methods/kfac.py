@@ -65,7 +65,8 @@ TRAIN_STREAM = "train"
 """Draw stream of the training-loss gradients (:func:`methods.gradients.example_generator`)."""
 QUERY_STREAM = "query"
 """Draw stream of the query measurement gradients."""
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+"""Bumped when the fitted curvature changes numerically (2: grouped float32 input-factor Grams)."""
 
 
 def _optional_positive_int(name: str, value: Any) -> None:
