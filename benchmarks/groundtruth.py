@@ -51,7 +51,7 @@ from benchmarks.pipeline import (
 )
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
-from diffusion.ensemble import train_ensemble
+from diffusion.ensemble import ENSEMBLE_KERNELS, train_ensemble
 from diffusion.train import TrainConfig, train_model
 from diffusion.unet import UNet
 
@@ -91,7 +91,8 @@ def model_spec(
     trainer: str = "single",
 ) -> dict:
     """The artifact spec of a model trained on ``positions`` with ``seed`` by ``trainer`` (one
-    of :data:`TRAINERS`); only ensemble-trained specs record it (``"trainer": "ensemble"``)."""
+    of :data:`TRAINERS`); only ensemble-trained specs record it (``"trainer": "ensemble"``, with
+    ``diffusion.ensemble.ENSEMBLE_KERNELS``)."""
     if trainer not in TRAINERS:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
     spec = {
@@ -104,6 +105,7 @@ def model_spec(
     }
     if trainer == "ensemble":
         spec["trainer"] = "ensemble"
+        spec["kernels"] = ENSEMBLE_KERNELS  # rounding differs between versions: never mixed
     return spec
 
 

@@ -7,10 +7,10 @@ parameters, 1500 steps each). ``train_ensemble`` stacks the K members' parameter
 depends only on its own row, so row k of the gradient is member k's gradient) and steps the
 stacked tensor with one ``torch.optim.Adam``. This removes the per-model Python, dispatch and
 optimizer overhead (Adam over ~140 parameter tensors), not the convolutions' arithmetic (~60% of
-a one-model step on the CPU, no faster as grouped convolutions). Measured on one CPU thread,
-quick preset model: ~1.25-1.4x the model-steps per second of one-at-a-time ``train_model`` for
-K = 4..8, 1.34x over the full 1500-step recipe with K = 8 (36 vs 48 CPU seconds per model);
-K = 16 is slower again (the activations overflow the L2 cache).
+a one-model step on the CPU, no faster as grouped convolutions). GroupNorm and two kinds of
+convolution run through batching rules of our own (:mod:`diffusion.member_layers`), which
+avoid torch.func's slow generic rules for them (~10% of an ensemble step). Throughput on one
+CPU thread with the quick preset model: see ``benchmarks.groundtruth.DEFAULT_ENSEMBLE_SIZE``.
 
 Same random streams as ``train_model``: member k draws its initial weights, minibatch order and
 (flip, t, eps) from generators seeded exactly as ``train_model(images[subsets[k]], ...,
@@ -18,8 +18,8 @@ seed=seeds[k])`` seeds them, in the same order, so member k follows that run's r
 step. Why the result is still not bitwise equal:
 
 - the vmapped kernels differ from the single-model ones (a convolution of K members becomes a
-  grouped convolution, matrix products become batched ones), so sums are accumulated in another
-  order: float32 rounding differences of ~1e-7 relative per step, which the training dynamics
+  grouped convolution or a batched matrix product, group norms of K members one group norm of
+  K times the groups), so sums are accumulated in another order: float32 rounding differences of ~1e-7 relative per step, which the training dynamics
   then amplify over many steps (like any perturbation of the weights);
 - gradient clipping uses each member's global norm computed over its whole gradient row at once
   (``train_model``'s ``clip_grad_norm_`` takes the norm of the per-tensor norms: same value up
@@ -66,6 +66,7 @@ from torch.func import functional_call, vmap
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
+from diffusion.member_layers import use_member_layers
 from diffusion.schedule import NoiseSchedule
 from diffusion.train import (
     TrainConfig,
@@ -76,7 +77,12 @@ from diffusion.train import (
 )
 from diffusion.unet import UNet, UNetConfig
 
-__all__ = ["train_ensemble"]
+__all__ = ["ENSEMBLE_KERNELS", "train_ensemble"]
+
+ENSEMBLE_KERNELS = 2
+"""Version of the ensemble's kernels, recorded in ground-truth model specs: bumped whenever a
+change alters the rounding of ensemble training (2: the batching rules of
+:mod:`diffusion.member_layers`), so that models of two versions never share one ground truth."""
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -207,7 +213,7 @@ def train_ensemble(
 
     # Parameter-free copy of the architecture for functional_call; its parameters are replaced
     # by views of the stacked [K, P] tensor (member k's row = parameters_to_vector(model k)).
-    skeleton = copy.deepcopy(models[0]).to("meta").train()
+    skeleton = use_member_layers(copy.deepcopy(models[0]).to("meta").train())
     names = [name for name, _ in skeleton.named_parameters()]
     shapes = [tuple(p.shape) for _, p in skeleton.named_parameters()]
     numels = [p.numel() for _, p in skeleton.named_parameters()]
