@@ -76,6 +76,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "all 357). The full-size fit is also timed as a phase of the K-FAC score case",
     )
     group.addoption(
+        "--bench-gt-steps",
+        type=int,
+        default=750,
+        help="training steps of each model of the end-to-end ground-truth case (default 750 = "
+        "the quick preset's subset recipe)",
+    )
+    group.addoption(
         "--bench-memory-samples",
         type=int,
         default=8,
