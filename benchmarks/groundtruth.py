@@ -59,8 +59,10 @@ TRAINERS: tuple[str, ...] = ("single", "ensemble")
 """How a ground-truth model is trained: ``train_model`` one at a time, or ``train_ensemble``."""
 
 DEFAULT_ENSEMBLE_SIZE = 8
-"""Models per ensemble task: the fastest size measured on one CPU thread for the quick preset
-(4: ~1.25x, 8: ~1.35x, 16: ~1.2x one-at-a-time throughput; 16 overflows the L2 cache)."""
+"""Models per ensemble task. Quick preset, one CPU thread, end to end (8 models trained for 750
+steps, measured and stored; /tmp script of the issue-7 note, same run): 8 and 16 members both
+1.52-1.53x the throughput of one model at a time (4: ~1.25x in shorter runs); 8 keeps tasks
+small enough for two pool workers or Ray to share the quick ground truth's 64 models."""
 
 
 def subset_masks(n_train: int, setting: Setting) -> np.ndarray:
