@@ -46,7 +46,7 @@ from benchmarks.pipeline import (
     derived_seed,
     load_train_set,
     log_training,
-    measure_queries,
+    measure_queries_many,
     queries_spec,
 )
 from benchmarks.settings import Setting
@@ -316,12 +316,14 @@ def _measure_and_store(
     queries: QuerySet,
     device: torch.device,
 ) -> None:
+    measured = measure_queries_many(  # loss and elbo share their model forwards
+        model, setting, queries, tuple(targets), n_samples=setting.gt_mc_samples, device=device
+    )
     for target in targets:
-        values = measure_queries(
-            model, setting, queries, target, n_samples=setting.gt_mc_samples, device=device
-        )
         store.save_arrays(
-            "measurement", measurement_spec(model_key, setting, target), {"values": values}
+            "measurement",
+            measurement_spec(model_key, setting, target),
+            {"values": measured[target]},
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
 from datasets import ImageDataset, load_dataset
-from diffusion.measurements import MCDraws, draw_mc, measure, parse_measurement
+from diffusion.measurements import MCDraws, draw_mc, measure_many, parse_measurement
 from diffusion.sampling import sample
 from diffusion.train import train_model
 from diffusion.unet import UNet
@@ -164,7 +165,6 @@ def measurement_draws(setting: Setting, query: int, n_samples: int, image_shape)
     )
 
 
-@torch.no_grad()
 def measure_queries(
     model: UNet,
     setting: Setting,
@@ -180,23 +180,49 @@ def measure_queries(
     Returns:
         ``# [n_queries]`` float64.
     """
-    base, _ = parse_measurement(name, setting.schedule.num_timesteps)
-    needs_trajectory = base == "trajectory-logprob"
-    if needs_trajectory and queries.trajectories is None:
-        raise ValueError(f"measurement {name!r} needs query trajectories; none were stored")
+    return measure_queries_many(
+        model, setting, queries, (name,), n_samples=n_samples, device=device
+    )[name]
+
+
+@torch.no_grad()
+def measure_queries_many(
+    model: UNet,
+    setting: Setting,
+    queries: QuerySet,
+    names: Sequence[str],
+    *,
+    n_samples: int,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """:func:`measure_queries` of several measurements, sharing the model forwards of those
+    evaluated at the same draws (``diffusion.measurements.measure_many``: ``loss`` and ``elbo``
+    cost one forward per draw, not two). Query by query: batches of ``n_samples`` rows.
+
+    Returns:
+        name -> ``# [n_queries]`` float64, each bitwise :func:`measure_queries`' value.
+    """
+    for name in names:
+        base, _ = parse_measurement(name, setting.schedule.num_timesteps)
+        if base == "trajectory-logprob" and queries.trajectories is None:
+            raise ValueError(f"measurement {name!r} needs query trajectories; none were stored")
+    needs_trajectory = queries.trajectories is not None and any(
+        parse_measurement(name)[0] == "trajectory-logprob" for name in names
+    )
     model = model.to(device).eval()
-    values = []
+    values: dict[str, list[float]] = {name: [] for name in names}
     for q in range(queries.images.shape[0]):
         draws = measurement_draws(setting, q, n_samples, queries.images.shape[1:])
         draws = MCDraws(draws.t.to(device), draws.eps.to(device))
         trajectory = queries.trajectories[q : q + 1].to(device) if needs_trajectory else None
-        value = measure(
-            name,
+        measured = measure_many(
+            names,
             model,
             setting.schedule,
             queries.images[q : q + 1].to(device),
             draws,
             trajectory=trajectory,
         )
-        values.append(float(value))
-    return np.asarray(values, dtype=np.float64)
+        for name, value in measured.items():
+            values[name].append(float(value))
+    return {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}

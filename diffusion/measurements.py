@@ -224,7 +224,35 @@ def per_draw(
     Returns:
         ``[B, S]`` per-draw values in the dtype of ``x0``; their mean over S is the estimate.
     """
-    base, param = parse_measurement(name, schedule.num_timesteps)
+    return per_draw_many((name,), model, schedule, x0, t, eps, trajectory=trajectory)[name]
+
+
+SHARED_FORWARD: tuple[str, ...] = ("loss", "elbo", "square-norm")
+"""Measurements that evaluate the model at the draws' own ``(t, eps)``: one forward serves all."""
+
+
+def per_draw_many(
+    names: Sequence[str],
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    *,
+    trajectory: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`per_draw` of several measurements at the same draws, one model forward per
+    distinct model input: the :data:`SHARED_FORWARD` measurements share one (the ground truth
+    measures ``loss`` and ``elbo`` of every retrained model: half the forwards), each
+    ``timestep-loss:<k>`` and ``trajectory-logprob`` has its own.
+
+    Args and shapes as :func:`per_draw`; ``names`` non-empty.
+    Returns:
+        name -> ``[B, S]`` per-draw values, each bitwise what :func:`per_draw` returns for it.
+    """
+    if isinstance(names, str) or not names:
+        raise ValueError(f"names must be a non-empty sequence of measurement names, got {names!r}")
+    parsed = {name: parse_measurement(name, schedule.num_timesteps) for name in names}
     if x0.dim() != 4:
         raise ValueError(f"x0 must be [B, C, H, W], got shape {tuple(x0.shape)}")
     if t.dim() != 2 or t.shape[0] != x0.shape[0]:
@@ -237,30 +265,37 @@ def per_draw(
             f"got {tuple(eps.shape)}"
         )
     rows = n_items * n_samples
-    num_t = schedule.num_timesteps
     pixel_dims = tuple(range(1, 1 + len(pixel_shape)))
-
-    if base == "trajectory-logprob":
-        return _trajectory_logprob(model, schedule, t, trajectory, x0)
-
-    if base == "timestep-loss":
-        t = torch.full_like(t, param)  # [B, S]
-    t_flat = t.reshape(rows)  # [B*S]
     eps_flat = eps.reshape(rows, *pixel_shape)  # [B*S, C, H, W]
     x0_flat = x0.unsqueeze(1).expand(n_items, n_samples, *pixel_shape).reshape(rows, *pixel_shape)
-    x_t = schedule.q_sample(x0_flat, t_flat, eps_flat)  # [B*S, C, H, W]
-    eps_hat = model(x_t, t_flat)  # [B*S, C, H, W]
 
-    if base == "square-norm":
-        values = eps_hat.square().mean(dim=pixel_dims)  # [B*S]
-    elif base in ("loss", "timestep-loss"):
-        values = (eps_flat - eps_hat).square().mean(dim=pixel_dims)  # [B*S]
-    elif base == "elbo":
-        weights = _coef(schedule.elbo_weights * num_t, t_flat, eps_hat)  # [B*S]
-        values = weights * (eps_flat - eps_hat).square().sum(dim=pixel_dims)  # [B*S]
-    else:  # pragma: no cover - parse_measurement only returns the names above
-        raise AssertionError(base)
-    return values.reshape(n_items, n_samples)
+    def forward(t_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t_flat [B*S], eps_hat [B*S, C, H, W]) of the model at the draws' noise and ``t_``."""
+        t_flat = t_.reshape(rows)
+        return t_flat, model(schedule.q_sample(x0_flat, t_flat, eps_flat), t_flat)
+
+    shared = None
+    out: dict[str, torch.Tensor] = {}
+    for name, (base, param) in parsed.items():
+        if base == "trajectory-logprob":
+            out[name] = _trajectory_logprob(model, schedule, t, trajectory, x0)
+            continue
+        if base == "timestep-loss":
+            t_flat, eps_hat = forward(torch.full_like(t, param))
+        else:
+            shared = forward(t) if shared is None else shared
+            t_flat, eps_hat = shared
+        if base == "square-norm":
+            values = eps_hat.square().mean(dim=pixel_dims)  # [B*S]
+        elif base in ("loss", "timestep-loss"):
+            values = (eps_flat - eps_hat).square().mean(dim=pixel_dims)  # [B*S]
+        elif base == "elbo":
+            weights = _coef(schedule.elbo_weights * schedule.num_timesteps, t_flat, eps_hat)
+            values = weights * (eps_flat - eps_hat).square().sum(dim=pixel_dims)  # [B*S]
+        else:  # pragma: no cover - parse_measurement only returns the names above
+            raise AssertionError(base)
+        out[name] = values.reshape(n_items, n_samples)
+    return out
 
 
 def _trajectory_logprob(
@@ -335,7 +370,27 @@ def measure(
     Returns:
         ``[B]`` estimates in the dtype of ``x0``.
     """
-    parse_measurement(name, schedule.num_timesteps)
+    return measure_many(
+        (name,), model, schedule, x0, draws, trajectory=trajectory, chunk_size=chunk_size
+    )[name]
+
+
+def measure_many(
+    names: Sequence[str],
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    draws: MCDraws,
+    *,
+    trajectory: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """:func:`measure` of several measurements on the same draws, sharing model forwards as
+    :func:`per_draw_many` does. Returns name -> ``[B]``, each bitwise :func:`measure`'s."""
+    if isinstance(names, str) or not names:
+        raise ValueError(f"names must be a non-empty sequence of measurement names, got {names!r}")
+    for name in names:
+        parse_measurement(name, schedule.num_timesteps)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if not isinstance(draws, MCDraws):
@@ -353,23 +408,25 @@ def measure(
     n_items, n_samples = draws.n_items, draws.n_samples
     items_per_chunk = min(n_items, chunk_size)
     samples_per_chunk = max(1, chunk_size // items_per_chunk)
-    results = []
+    results: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for i0 in range(0, n_items, items_per_chunk):
         i1 = min(i0 + items_per_chunk, n_items)
         item_draws = draws.items(i0, i1)
         item_traj = None if trajectory is None else trajectory[i0:i1].to(x0)
-        total = None
+        totals: dict[str, torch.Tensor] = {}
         for s0 in range(0, n_samples, samples_per_chunk):
             part = item_draws.chunk(s0, min(s0 + samples_per_chunk, n_samples))
-            values = per_draw(
-                name,
+            values = per_draw_many(
+                names,
                 model,
                 schedule,
                 x0[i0:i1],
                 part.t.to(x0.device),
                 part.eps.to(x0),
                 trajectory=item_traj,
-            )  # [b, s]
-            total = values.sum(dim=1) if total is None else total + values.sum(dim=1)
-        results.append(total / n_samples)
-    return torch.cat(results)  # [B]
+            )  # name -> [b, s]
+            for name, v in values.items():
+                totals[name] = v.sum(dim=1) if name not in totals else totals[name] + v.sum(dim=1)
+        for name in names:
+            results[name].append(totals[name] / n_samples)
+    return {name: torch.cat(parts) for name, parts in results.items()}  # name -> [B]

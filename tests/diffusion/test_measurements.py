@@ -14,8 +14,10 @@ from diffusion.measurements import (
     MCDraws,
     draw_mc,
     measure,
+    measure_many,
     parse_measurement,
     per_draw,
+    per_draw_many,
 )
 from diffusion.sampling import sample
 from diffusion.schedule import NoiseSchedule
@@ -399,3 +401,46 @@ def test_parse_measurement() -> None:
 def test_parse_measurement_errors(name: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         parse_measurement(name, 10)
+
+
+class CountingEps(nn.Module):
+    """Wraps a denoiser and counts its forward calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x, t)
+
+
+def test_many_measurements_equal_each_measurement_bitwise_with_shared_forwards():
+    """measure_many / per_draw_many give each name exactly measure's / per_draw's value, with
+    one forward for loss, elbo and square-norm together and one per other input."""
+    torch.manual_seed(0)
+    model = CountingEps(TinyEps().double())
+    x0, draws = _x0(3), _draws(3, 7)
+    traj = _trajectory(model.inner, 3)
+    many = per_draw_many(NAMES, model, SCHEDULE, x0, draws.t, draws.eps, trajectory=traj)
+    # loss + elbo + square-norm: 1; timestep-loss:3 and :0: 1 each; trajectory-logprob: 1
+    assert model.calls == 4
+    for name in NAMES:
+        alone = per_draw(name, model, SCHEDULE, x0, draws.t, draws.eps, trajectory=traj)
+        assert torch.equal(many[name], alone), name
+    model.calls = 0
+    estimates = measure_many(NAMES, model, SCHEDULE, x0, draws, trajectory=traj, chunk_size=6)
+    assert model.calls == 4 * 4  # chunks of 3 items x 2 samples: 4 chunks over the 7 samples
+    for name in NAMES:
+        alone = measure(name, model, SCHEDULE, x0, draws, trajectory=traj, chunk_size=6)
+        assert torch.equal(estimates[name], alone), name
+
+
+def test_many_measurements_refuse_bad_names():
+    x0, draws = _x0(1), _draws(1, 2)
+    model = TinyEps().double()
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        measure_many("loss", model, SCHEDULE, x0, draws)
+    with pytest.raises(ValueError, match="unknown measurement"):
+        measure_many(("loss", "los"), model, SCHEDULE, x0, draws)
