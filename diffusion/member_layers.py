@@ -20,8 +20,9 @@ than the arithmetic (measured with the quick preset's U-Net, 8 members, batch 64
 
 Every member's output depends only on its own inputs and parameters, computed by kernels that
 do not depend on K, so a member's weights stay independent of the other members, bitwise
-(tests/diffusion/test_ensemble.py). The layers are ``torch.autograd.Function`` s with a
-``vmap`` staticmethod (torch.func's extension point): under vmap autograd records the ordinary
+(tests/diffusion/test_ensemble.py). Both layers go through one ``torch.autograd.Function``
+(:class:`_MemberLayer`, given the layer's plain operation and batching rule) whose ``vmap``
+staticmethod is torch.func's extension point: under vmap autograd records the ordinary
 operations of the rule, so the backward pass is the ordinary one of those operations.
 Outside vmap they compute what ``nn.GroupNorm`` / ``nn.Conv2d`` compute, gradients included
 (the backward recomputes the layer; only the ensemble's skeleton uses them).
@@ -65,108 +66,103 @@ def _recomputed_grads(fn, grad, *inputs):
     return [None if t is None else next(found) for t in inputs]
 
 
-class _GroupNormFunction(torch.autograd.Function):
+class _MemberLayer(torch.autograd.Function):
+    """``apply(x, weight, bias, plain, batched, options)``: ``plain(x, weight, bias, *options)``
+    outside vmap (backward by recomputation), ``batched(k, in_dims, x, weight, bias, *options)``
+    (returning ``(output, out_dim)``) as its rule under vmap."""
+
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(x, num_groups, weight, bias, eps):
-        return F.group_norm(x, num_groups, weight, bias, eps)
+    def forward(x, weight, bias, plain, batched, options):
+        return plain(x, weight, bias, *options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, num_groups, weight, bias, eps = inputs
+        x, weight, bias, plain, _, options = inputs
         ctx.save_for_backward(x, weight, bias)
-        ctx.args = (num_groups, eps)
+        ctx.plain, ctx.options = plain, options
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        num_groups, eps = ctx.args
-        dx, dw, db = _recomputed_grads(
-            lambda x_, w_, b_: F.group_norm(x_, num_groups, w_, b_, eps), grad, x, weight, bias
+        grads = _recomputed_grads(
+            lambda x_, w_, b_: ctx.plain(x_, w_, b_, *ctx.options), grad, *ctx.saved_tensors
         )
-        return dx, None, dw, db, None
+        return (*grads, None, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, x, num_groups, weight, bias, eps):
-        k = info.batch_size
-        x = _members_second(x, in_dims[0], k)  # [B, K, C, *spatial]
-        b, _, c = x.shape[:3]
-        weight = _members_first(weight, in_dims[2], k).reshape(k * c)
-        bias = _members_first(bias, in_dims[3], k).reshape(k * c)
-        out = F.group_norm(x.reshape(b, k * c, *x.shape[3:]), k * num_groups, weight, bias, eps)
-        return out.view(b, k, c, *x.shape[3:]), 1
+    def vmap(info, in_dims, x, weight, bias, plain, batched, options):
+        return batched(info.batch_size, in_dims[:3], x, weight, bias, *options)
 
 
-class _ConvFunction(torch.autograd.Function):
-    generate_vmap_rule = False
+def _group_norm(x, weight, bias, num_groups, eps):
+    return F.group_norm(x, num_groups, weight, bias, eps)
 
-    @staticmethod
-    def forward(x, weight, bias, stride, padding):
-        return F.conv2d(x, weight, bias, stride, padding)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding = inputs
-        ctx.save_for_backward(x, weight, bias)
-        ctx.args = (stride, padding)
+def _batched_group_norm(k, in_dims, x, weight, bias, num_groups, eps):
+    """K members' group norms as one with ``K * G`` groups over ``[B, K * C, ...]``."""
+    x = _members_second(x, in_dims[0], k)  # [B, K, C, *spatial]
+    b, _, c = x.shape[:3]
+    weight = _members_first(weight, in_dims[1], k).reshape(k * c)
+    bias = _members_first(bias, in_dims[2], k).reshape(k * c)
+    out = F.group_norm(x.reshape(b, k * c, *x.shape[3:]), k * num_groups, weight, bias, eps)
+    return out.view(b, k, c, *x.shape[3:]), 1
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        stride, padding = ctx.args
-        dx, dw, db = _recomputed_grads(
-            lambda x_, w_, b_: F.conv2d(x_, w_, b_, stride, padding), grad, x, weight, bias
-        )
-        return dx, dw, db, None, None
 
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, stride, padding):
-        k = info.batch_size
-        weight = _members_first(weight, in_dims[1], k)  # [K, C_out, C_in, kh, kw]
-        bias = None if bias is None else _members_first(bias, in_dims[2], k)  # [K, C_out]
-        c_out, c_in = weight.shape[1], weight.shape[2]
-        if c_out < _MIN_GROUPED_OUT_CHANNELS:
-            # unbind, not indexing: the backward of k selects would zero-fill k full gradients
-            xs = _members_first(x, in_dims[0], k).unbind(0)  # K x [B, C_in, H, W]
-            biases = [None] * k if bias is None else bias.unbind(0)
-            outs = [
-                F.conv2d(xm, wm, bm, stride, padding)
-                for xm, wm, bm in zip(xs, weight.unbind(0), biases, strict=True)
-            ]
-            return torch.stack(outs), 0
-        x = _members_second(x, in_dims[0], k)  # [B, K, C_in, H, W]
-        if weight.shape[3:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
-            out = torch.einsum("koc,bkchw->bkohw", weight.flatten(2), x)
-            if bias is not None:
-                out = out + bias[None, :, :, None, None]
-            return out, 1
-        b = x.shape[0]
-        out = F.conv2d(
-            x.reshape(b, k * c_in, *x.shape[3:]),
-            weight.reshape(k * c_out, *weight.shape[2:]),
-            None,  # oneDNN's bias gradient of a grouped convolution depends on K: add it apart
-            stride,
-            padding,
-            groups=k,
-        )
+def _conv(x, weight, bias, stride, padding):
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def _batched_conv(k, in_dims, x, weight, bias, stride, padding):
+    """K members' convolutions: per member, as ``einsum`` (1x1) or grouped (module docstring)."""
+    weight = _members_first(weight, in_dims[1], k)  # [K, C_out, C_in, kh, kw]
+    bias = None if bias is None else _members_first(bias, in_dims[2], k)  # [K, C_out]
+    c_out, c_in = weight.shape[1], weight.shape[2]
+    if c_out < _MIN_GROUPED_OUT_CHANNELS:
+        # unbind, not indexing: the backward of k selects would zero-fill k full gradients
+        xs = _members_first(x, in_dims[0], k).unbind(0)  # K x [B, C_in, H, W]
+        biases = [None] * k if bias is None else bias.unbind(0)
+        outs = [
+            F.conv2d(xm, wm, bm, stride, padding)
+            for xm, wm, bm in zip(xs, weight.unbind(0), biases, strict=True)
+        ]
+        return torch.stack(outs), 0
+    x = _members_second(x, in_dims[0], k)  # [B, K, C_in, H, W]
+    if weight.shape[3:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        out = torch.einsum("koc,bkchw->bkohw", weight.flatten(2), x)
         if bias is not None:
-            out = out + bias.reshape(1, k * c_out, 1, 1)
-        return out.view(b, k, c_out, *out.shape[2:]), 1
+            out = out + bias[None, :, :, None, None]
+        return out, 1
+    b = x.shape[0]
+    out = F.conv2d(
+        x.reshape(b, k * c_in, *x.shape[3:]),
+        weight.reshape(k * c_out, *weight.shape[2:]),
+        None,  # oneDNN's bias gradient of a grouped convolution depends on K: add it apart
+        stride,
+        padding,
+        groups=k,
+    )
+    if bias is not None:
+        out = out + bias.reshape(1, k * c_out, 1, 1)
+    return out.view(b, k, c_out, *out.shape[2:]), 1
 
 
 class MemberGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` with the ensemble batching rule above (same parameters and names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _GroupNormFunction.apply(x, self.num_groups, self.weight, self.bias, self.eps)
+        options = (self.num_groups, self.eps)
+        return _MemberLayer.apply(
+            x, self.weight, self.bias, _group_norm, _batched_group_norm, options
+        )
 
 
 class MemberConv2d(nn.Conv2d):
     """``nn.Conv2d`` (zero padding, no dilation or groups) with the ensemble batching rule."""
 
     def _conv_forward(self, x, weight, bias):
-        return _ConvFunction.apply(x, weight, bias, self.stride, self.padding)
+        options = (self.stride, self.padding)
+        return _MemberLayer.apply(x, weight, bias, _conv, _batched_conv, options)
 
 
 def use_member_layers(module: nn.Module) -> nn.Module:
