@@ -34,14 +34,6 @@ _SECONDS: dict[str, float] = {}
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gt_problem(request, tmp_path_factory):
     """(setting with 4 subsets x 2 seeds, store holding the base model and the queries)."""

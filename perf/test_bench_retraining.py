@@ -35,15 +35,6 @@ _BEST_SECONDS: dict[str, float] = {}  # case -> fastest round, for the speedups
 pytestmark = pytest.mark.benchmark(timer=time.process_time)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: with more, OpenMP spin-waits on a shared CPU swamp the timings."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def problem():
     """(images [357, 1, 8, 8], 8 subsets of 178 positions, U-Net config, short quick recipe)."""
