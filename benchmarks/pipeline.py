@@ -202,13 +202,12 @@ def measure_queries_many(
     Returns:
         name -> ``# [n_queries]`` float64, each bitwise :func:`measure_queries`' value.
     """
+    needs_trajectory = False
     for name in names:
-        base, _ = parse_measurement(name, setting.schedule.num_timesteps)
-        if base == "trajectory-logprob" and queries.trajectories is None:
-            raise ValueError(f"measurement {name!r} needs query trajectories; none were stored")
-    needs_trajectory = queries.trajectories is not None and any(
-        parse_measurement(name)[0] == "trajectory-logprob" for name in names
-    )
+        if parse_measurement(name, setting.schedule.num_timesteps)[0] == "trajectory-logprob":
+            if queries.trajectories is None:
+                raise ValueError(f"measurement {name!r} needs query trajectories; none were stored")
+            needs_trajectory = True
     model = model.to(device).eval()
     values: dict[str, list[float]] = {name: [] for name in names}
     for q in range(queries.images.shape[0]):
