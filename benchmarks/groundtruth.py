@@ -60,9 +60,10 @@ TRAINERS: tuple[str, ...] = ("single", "ensemble")
 
 DEFAULT_ENSEMBLE_SIZE = 8
 """Models per ensemble task. Quick preset, one CPU thread, end to end (8 models trained for 750
-steps, measured and stored; /tmp script of the issue-7 note, same run): 8 and 16 members both
-1.52-1.53x the throughput of one model at a time (4: ~1.25x in shorter runs); 8 keeps tasks
-small enough for two pool workers or Ray to share the quick ground truth's 64 models."""
+steps, measured and stored): 1.44-1.47x the throughput of one model at a time in
+``perf/test_bench_groundtruth.py``; a run of the same protocol measured 8 and 16 members alike
+(1.52x, 1.53x), 4 is slower (~1.25x in shorter runs). 8 keeps tasks small enough for two pool
+workers or Ray to share the quick ground truth's 64 models."""
 
 
 def subset_masks(n_train: int, setting: Setting) -> np.ndarray:

@@ -19,8 +19,9 @@ step. Why the result is still not bitwise equal:
 
 - the vmapped kernels differ from the single-model ones (a convolution of K members becomes a
   grouped convolution or a batched matrix product, group norms of K members one group norm of
-  K times the groups), so sums are accumulated in another order: float32 rounding differences of ~1e-7 relative per step, which the training dynamics
-  then amplify over many steps (like any perturbation of the weights);
+  K times the groups), so sums are accumulated in another order: float32 rounding differences
+  of ~1e-7 relative per step, which the training dynamics then amplify over many steps (like
+  any perturbation of the weights);
 - gradient clipping uses each member's global norm computed over its whole gradient row at once
   (``train_model``'s ``clip_grad_norm_`` takes the norm of the per-tensor norms: same value up
   to rounding).

@@ -280,11 +280,11 @@ def per_draw_many(
         if base == "trajectory-logprob":
             out[name] = _trajectory_logprob(model, schedule, t, trajectory, x0)
             continue
-        if base == "timestep-loss":
-            t_flat, eps_hat = forward(torch.full_like(t, param))
-        else:
+        if base in SHARED_FORWARD:
             shared = forward(t) if shared is None else shared
             t_flat, eps_hat = shared
+        else:  # timestep-loss: the model at its fixed timestep
+            t_flat, eps_hat = forward(torch.full_like(t, param))
         if base == "square-norm":
             values = eps_hat.square().mean(dim=pixel_dims)  # [B*S]
         elif base in ("loss", "timestep-loss"):
