@@ -2,7 +2,7 @@
 
 Pure NumPy/SciPy functions on arrays; nothing here knows about models or files.
 
-Contract (docs/DESIGN.md, "Contract: the score sign and shape"): ``scores[q, j]`` predicts how
+Contract (DESIGN.md, "Contract: the score sign and shape"): ``scores[q, j]`` predicts how
 much measurement ``m(theta, x_q)`` would *increase* if training example ``j`` were removed. The
 prediction for a training subset ``S`` is the sum of ``scores[q, j]`` over the examples ``j``
 *not* in ``S`` (the removed ones); the LDS of query ``q`` is the Spearman rank correlation, across
