@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from benchmarks import metrics
 from benchmarks.metrics import (
+    bootstrap_difference_interval,
+    bootstrap_indices,
+    bootstrap_interval,
+    bootstrap_noise_ceiling_interval,
+    cross_fitted_lds,
+    in_sample_best,
     lds_from_scores,
     lds_per_query,
     noise_ceiling,
+    overlaps_leader,
     paired_difference,
     predictions_from_scores,
     spearman_columns,
+    subset_folds,
     summarize,
 )
 
@@ -241,3 +250,306 @@ def test_noise_ceiling_drops_undefined_seeds():
     )
     assert got[0] == pytest.approx(expected_q0)
     assert np.isfinite(got[1])
+
+
+# ---------------------------------------------------------------- folds and cross-fitting
+
+
+def test_subset_folds_are_balanced_deterministic_and_seeded():
+    for n_subsets in (4, 7, 32):
+        folds = subset_folds(n_subsets, seed=3)
+        assert folds.shape == (n_subsets,) and folds.dtype == np.int64
+        assert np.bincount(folds).tolist() == [n_subsets // 2, n_subsets - n_subsets // 2]
+        np.testing.assert_array_equal(folds, subset_folds(n_subsets, seed=3))
+    assert not np.array_equal(subset_folds(32, seed=0), subset_folds(32, seed=1))
+    with pytest.raises(ValueError, match="n_subsets >= 4"):
+        subset_folds(3, seed=0)
+
+
+def _fold_lds(predictions: np.ndarray, targets: np.ndarray, folds: np.ndarray, fold: int):
+    return lds_per_query(predictions[folds == fold], targets[folds == fold])
+
+
+def test_cross_fitting_chooses_on_one_fold_and_reports_the_other():
+    rng = np.random.default_rng(10)
+    n_subsets, n_queries = 14, 5
+    folds = np.arange(n_subsets) % 2  # interleaved: masks, not slices
+    targets = rng.normal(size=(n_subsets, n_queries))
+    noise = rng.normal(size=(n_subsets, n_queries))
+    best_on_0 = np.where(folds[:, None] == 0, targets, noise)  # perfect on fold 0 only
+    best_on_1 = np.where(folds[:, None] == 1, 2.0 * targets, -noise)  # perfect on fold 1 only
+    weak = targets + 3.0 * rng.normal(size=(n_subsets, n_queries))
+    candidates = {0.1: weak, 1.0: best_on_0, 10.0: best_on_1}
+
+    fit = cross_fitted_lds(candidates, targets, folds)
+
+    assert fit.chosen == (1.0, 10.0)
+    assert fit.values == (0.1, 1.0, 10.0)
+    held_0 = _fold_lds(best_on_0, targets, folds, 1)  # chosen on fold 0, scored on fold 1
+    held_1 = _fold_lds(best_on_1, targets, folds, 0)
+    np.testing.assert_array_equal(fit.held_out, np.stack([held_0, held_1]))
+    np.testing.assert_allclose(fit.per_query, (held_0 + held_1) / 2.0, rtol=0, atol=1e-15)
+    expected_table = np.array(
+        [
+            [_fold_lds(p, targets, folds, f).mean() for f in (0, 1)]
+            for p in (weak, best_on_0, best_on_1)
+        ]
+    )
+    np.testing.assert_allclose(fit.fold_means, expected_table, rtol=0, atol=1e-15)
+    assert fit.fold_means[1, 0] == 1.0 and fit.fold_means[2, 1] == 1.0
+
+
+def test_cross_fitting_with_one_value_best_everywhere_averages_its_fold_lds():
+    rng = np.random.default_rng(11)
+    n_subsets, n_queries = 20, 6
+    folds = subset_folds(n_subsets, seed=0)
+    targets = rng.normal(size=(n_subsets, n_queries))
+    good = targets + 0.3 * rng.normal(size=(n_subsets, n_queries))
+    candidates = {"random": rng.normal(size=(n_subsets, n_queries)), "good": good, "bad": -good}
+    fit = cross_fitted_lds(candidates, targets, folds)
+    assert fit.chosen == ("good", "good")
+    expected = (_fold_lds(good, targets, folds, 0) + _fold_lds(good, targets, folds, 1)) / 2.0
+    np.testing.assert_allclose(fit.per_query, expected, rtol=0, atol=1e-15)
+
+
+def test_cross_fitting_ties_go_to_the_first_value_in_the_given_order():
+    rng = np.random.default_rng(12)
+    targets = rng.normal(size=(8, 3))
+    predictions = targets + rng.normal(size=(8, 3))
+    folds = subset_folds(8, seed=1)
+    assert cross_fitted_lds({"a": predictions, "b": predictions}, targets, folds).chosen == (
+        "a",
+        "a",
+    )
+    assert cross_fitted_lds({"b": predictions, "a": predictions}, targets, folds).chosen == (
+        "b",
+        "b",
+    )
+    assert in_sample_best({"b": predictions, "a": predictions}, targets).value == "b"
+
+
+def test_cross_fitting_nan_keeps_the_defined_direction():
+    rng = np.random.default_rng(13)
+    n_subsets = 10
+    folds = np.array([0] * 5 + [1] * 5)
+    targets = rng.normal(size=(n_subsets, 3))
+    targets[folds == 0, 1] = 4.0  # query 1: constant on fold 0 -> undefined there
+    targets[:, 2] = -1.0  # query 2: constant everywhere -> undefined in both directions
+    predictions = targets + rng.normal(size=(n_subsets, 3))
+    fit = cross_fitted_lds({"only": predictions}, targets, folds)
+    assert np.isnan(fit.held_out[1, 1])  # direction 1 is scored on fold 0
+    assert fit.per_query[1] == fit.held_out[0, 1] == _fold_lds(predictions, targets, folds, 1)[1]
+    assert np.isnan(fit.per_query[2])
+    assert np.isfinite(fit.per_query[0])
+
+    constant = np.ones((n_subsets, 3))  # every LDS undefined: no value can be chosen
+    fit = cross_fitted_lds({"flat": constant}, targets, folds)
+    assert fit.chosen == (None, None)
+    assert np.all(np.isnan(fit.per_query))
+    best = in_sample_best({"flat": constant}, targets)
+    assert best.value is None and np.all(np.isnan(best.per_query))
+
+
+def test_in_sample_best_is_the_full_data_maximum_and_optimistic_on_noise():
+    rng = np.random.default_rng(14)
+    targets = rng.normal(size=(12, 4))
+    candidates = {k: targets + k * rng.normal(size=(12, 4)) for k in (0.5, 2.0, 8.0)}
+    best = in_sample_best(candidates, targets)
+    means = [lds_per_query(p, targets).mean() for p in candidates.values()]
+    np.testing.assert_allclose(best.means, means, rtol=0, atol=1e-15)
+    assert best.value == list(candidates)[int(np.argmax(means))]
+    np.testing.assert_array_equal(best.per_query, lds_per_query(candidates[best.value], targets))
+
+    # Pure noise: 10 useless candidates. The in-sample maximum is a selected noise peak; the
+    # cross-fitted value is scored on other subsets, so its expectation is 0. Over 30 draws the
+    # optimism (in-sample - cross-fitted) has mean ~0.2 and s.e. ~0.02. (Not every single draw:
+    # the full-data and per-fold correlations differ, so the order is not a theorem.)
+    optimism = []
+    for _ in range(30):
+        targets = rng.normal(size=(16, 4))
+        candidates = {k: rng.normal(size=(16, 4)) for k in range(10)}
+        folds = subset_folds(16, seed=int(rng.integers(1 << 30)))
+        in_sample = summarize(in_sample_best(candidates, targets).per_query).mean
+        crossed = summarize(cross_fitted_lds(candidates, targets, folds).per_query).mean
+        optimism.append(in_sample - crossed)
+    summary = summarize(np.array(optimism))
+    assert summary.mean > 5.0 * summary.standard_error
+
+
+def test_cross_fitting_rejects_bad_input():
+    targets = np.zeros((6, 2))
+    folds = np.array([0, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="empty"):
+        cross_fitted_lds({}, targets, folds)
+    with pytest.raises(ValueError, match="n_subsets, n_queries"):
+        cross_fitted_lds({1.0: np.zeros((6, 3))}, targets, folds)
+    with pytest.raises(ValueError, match="non-finite"):
+        cross_fitted_lds({1.0: np.full((6, 2), np.nan)}, targets, folds)
+    with pytest.raises(ValueError, match=r"shape \(6,\)"):
+        cross_fitted_lds({1.0: targets}, targets, folds[:5])
+    with pytest.raises(ValueError, match="0 and 1"):
+        cross_fitted_lds({1.0: targets}, targets, folds + 1)
+    with pytest.raises(ValueError, match="at least 2 subsets"):
+        cross_fitted_lds({1.0: targets}, targets, np.array([0, 1, 1, 1, 1, 1]))
+    with pytest.raises(ValueError, match="2-D"):
+        in_sample_best({1.0: targets}, np.zeros(6))
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _replicate_loop(predictions, targets, rows, cols) -> float:
+    """One bootstrap replicate by brute force: scipy Spearman per resampled query, then mean."""
+    values = [
+        stats.spearmanr(predictions[rows, q], targets[rows, q]).statistic for q in cols.tolist()
+    ]
+    return float(np.nanmean(values))
+
+
+def test_bootstrap_single_replicate_matches_a_brute_force_loop():
+    rng = np.random.default_rng(20)
+    targets = rng.normal(size=(9, 5))
+    predictions = np.round(targets + rng.normal(size=(9, 5)))  # ties on top of duplicated rows
+    other = rng.normal(size=(9, 5))
+    for seed in range(5):
+        (rows,), (cols,) = bootstrap_indices(9, 5, n_boot=1, seed=seed)
+        expected = _replicate_loop(predictions, targets, rows, cols)
+        low, high = bootstrap_interval(predictions, targets, n_boot=1, seed=seed)
+        assert low == pytest.approx(expected, abs=1e-12) and high == pytest.approx(expected)
+        expected_difference = float(
+            np.mean(
+                [
+                    stats.spearmanr(predictions[rows, q], targets[rows, q]).statistic
+                    - stats.spearmanr(other[rows, q], targets[rows, q]).statistic
+                    for q in cols.tolist()
+                ]
+            )
+        )
+        low, high = bootstrap_difference_interval(predictions, other, targets, n_boot=1, seed=seed)
+        assert low == pytest.approx(expected_difference, abs=1e-12) == high
+
+
+def test_bootstrap_of_perfect_predictions_is_one_one():
+    rng = np.random.default_rng(21)
+    targets = rng.normal(size=(20, 8))
+    low, high = bootstrap_interval(np.exp(targets), targets, n_boot=3000, seed=0)
+    assert low == pytest.approx(1.0, abs=1e-12) and high == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bootstrap_interval_contains_the_estimate_is_reproducible_and_seeded():
+    rng = np.random.default_rng(22)
+    targets = rng.normal(size=(32, 32))
+    predictions = targets + 1.5 * rng.normal(size=(32, 32))
+    estimate = summarize(lds_per_query(predictions, targets)).mean
+    interval = bootstrap_interval(predictions, targets, n_boot=1000, seed=5)
+    assert interval.low < estimate < interval.high
+    assert 0.0 < interval.high - interval.low < 0.5
+    assert bootstrap_interval(predictions, targets, n_boot=1000, seed=5) == interval
+    assert bootstrap_interval(predictions, targets, n_boot=1000, seed=6) != interval
+    narrow = bootstrap_interval(predictions, targets, n_boot=1000, seed=5, level=0.5)
+    assert interval.low < narrow.low < narrow.high < interval.high
+
+
+def test_bootstrap_indices_are_common_random_numbers():
+    rows, cols = bootstrap_indices(7, 4, n_boot=50, seed=9)
+    assert rows.shape == (50, 7) and cols.shape == (50, 4)
+    assert rows.min() >= 0 and rows.max() < 7 and cols.min() >= 0 and cols.max() < 4
+    again = bootstrap_indices(7, 4, n_boot=50, seed=9)
+    np.testing.assert_array_equal(rows, again[0])
+    np.testing.assert_array_equal(cols, again[1])
+    with pytest.raises(ValueError, match="n_boot >= 1"):
+        bootstrap_indices(7, 4, n_boot=0)
+
+
+def test_bootstrap_chunking_does_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(23)
+    targets = rng.normal(size=(10, 6))
+    predictions = targets + rng.normal(size=(10, 6))
+    per_seed = targets + rng.normal(size=(3, 10, 6))
+    whole = bootstrap_interval(predictions, targets, n_boot=37, seed=1)
+    whole_ceiling = bootstrap_noise_ceiling_interval(per_seed, n_boot=37, seed=1)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 130)  # chunks of 2 replicates
+    assert bootstrap_interval(predictions, targets, n_boot=37, seed=1) == whole
+    assert bootstrap_noise_ceiling_interval(per_seed, n_boot=37, seed=1) == whole_ceiling
+
+
+def test_paired_bootstrap_of_a_method_against_itself_is_zero_and_detects_a_better_method():
+    rng = np.random.default_rng(24)
+    targets = rng.normal(size=(24, 16))
+    good = targets + 0.5 * rng.normal(size=(24, 16))
+    poor = targets + 3.0 * rng.normal(size=(24, 16))
+    assert bootstrap_difference_interval(good, good, targets, n_boot=500) == (0.0, 0.0)
+    low, high = bootstrap_difference_interval(good, poor, targets, n_boot=500)
+    difference = paired_difference(lds_per_query(good, targets), lds_per_query(poor, targets))
+    assert 0.0 < low < difference.mean < high
+
+
+def test_bootstrap_noise_ceiling_interval():
+    rng = np.random.default_rng(25)
+    signal = rng.normal(size=(1, 16, 10))
+    per_seed = signal + 0.7 * rng.normal(size=(4, 16, 10))
+    (rows,), (cols,) = bootstrap_indices(16, 10, n_boot=1, seed=2)
+    expected = float(np.nanmean(noise_ceiling(per_seed[:, rows])[cols]))
+    low, high = bootstrap_noise_ceiling_interval(per_seed, n_boot=1, seed=2)
+    assert low == pytest.approx(expected, abs=1e-12) and high == pytest.approx(expected, abs=1e-12)
+
+    estimate = float(noise_ceiling(per_seed).mean())
+    low, high = bootstrap_noise_ceiling_interval(per_seed, n_boot=500, seed=2)
+    assert low < estimate < high
+    same = np.repeat(signal, 3, axis=0)  # identical seeds: the ceiling is exactly 1
+    assert bootstrap_noise_ceiling_interval(same, n_boot=200) == pytest.approx((1.0, 1.0))
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        bootstrap_noise_ceiling_interval(signal)
+
+
+def test_bootstrap_nan_and_bad_input():
+    rng = np.random.default_rng(26)
+    targets = rng.normal(size=(12, 4))
+    flat = np.ones((12, 4))  # every LDS undefined: no replicate is defined
+    assert all(math.isnan(end) for end in bootstrap_interval(flat, targets, n_boot=50))
+    assert all(
+        math.isnan(end) for end in bootstrap_difference_interval(flat, targets, targets, n_boot=50)
+    )
+    predictions = targets.copy()
+    predictions[:, 0] = 2.0  # one undefined query is dropped, as summarize drops it
+    assert bootstrap_interval(predictions, targets, n_boot=200) == pytest.approx((1.0, 1.0))
+
+    with pytest.raises(ValueError, match="n_subsets, n_queries"):
+        bootstrap_interval(np.zeros((12, 3)), targets)
+    with pytest.raises(ValueError, match="n_subsets, n_queries"):
+        bootstrap_difference_interval(targets, np.zeros((12, 3)), targets)
+    with pytest.raises(ValueError, match="non-finite"):
+        bootstrap_interval(np.full((12, 4), np.inf), targets)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(targets, targets, level=1.0)
+    with pytest.raises(ValueError, match="n_subsets >= 2"):
+        bootstrap_interval(np.zeros((1, 4)), np.zeros((1, 4)))
+
+
+# ---------------------------------------------------------------- leaderboard
+
+
+def test_overlaps_leader_marks_intervals_overlapping_the_highest_mean():
+    means = {"a": 0.5, "b": 0.6, "c": 0.3, "d": float("nan"), "e": 0.4}
+    intervals = {
+        "a": (0.45, 0.55),  # overlaps b's (0.52, 0.70)
+        "b": (0.52, 0.70),
+        "c": (0.20, 0.40),
+        "d": (float("nan"), float("nan")),
+        "e": (0.30, 0.52),  # touches b's low end: closed intervals overlap
+    }
+    got = overlaps_leader(intervals, means)
+    assert list(got) == ["b", "a", "e", "c", "d"]
+    assert got == {"b": True, "a": True, "e": True, "c": False, "d": False}
+
+
+def test_overlaps_leader_ties_nan_and_bad_input():
+    got = overlaps_leader({"x": (0.0, 0.1), "y": (0.5, 0.6)}, {"x": 0.3, "y": 0.3})
+    assert list(got) == ["x", "y"] and got == {"x": True, "y": False}  # tie: first given leads
+    nan = float("nan")
+    assert overlaps_leader({"x": (nan, nan)}, {"x": 0.2}) == {"x": True}  # the leader itself
+    assert overlaps_leader({"x": (0.0, 1.0)}, {"x": nan}) == {"x": False}  # no leader
+    with pytest.raises(ValueError, match="same methods"):
+        overlaps_leader({"x": (0.0, 1.0)}, {"y": 0.5})
+    with pytest.raises(ValueError, match="low"):
+        overlaps_leader({"x": (1.0, 0.0)}, {"x": 0.5})
