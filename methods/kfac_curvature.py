@@ -36,9 +36,9 @@ batch size. Precision: the factors are accumulated in float64 whatever the model
 forward and backward passes stay in the model's dtype). At damping 1e-8 the inverse resolves
 eigenvalues below float32's resolution of a long sum, and float32 accumulation made the scores
 depend on the batch size by percents. The one exception is deliberate: a convolution's input
-factor under K-FAC expand (the fit's dominant cost, ~9x the layer's forward FLOPs on the quick
-U-Net) multiplies groups of 4096 patch vectors in the model's dtype and sums the groups in
-float64 (:func:`_conv_patch_gram`: ~1e-7 relative error, 2.5x faster fit than float64 products).
+factor under K-FAC expand (the fit's dominant cost) multiplies groups of 4096 patch vectors in
+the model's dtype and sums the groups in float64 (:func:`_conv_patch_gram`: ~1e-7 relative
+error). What the fit costs and what the grouping saves: perf/README.md ("K-FAC fit").
 """
 
 from __future__ import annotations
@@ -477,11 +477,11 @@ def _conv_patch_gram(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, 
 
     Extracts and multiplies a group of about :data:`_GRAM_GROUP_ROWS` (row, position) patch
     vectors at a time (the group's patches stay in cache; the batch's would not), in the input's
-    own dtype, and sums the groups' Grams in float64: float32 products run ~2x faster than
-    float64 ones and need no float64 copy of the patches, while the float64 sum over groups
-    avoids the error of one long float32 sum (relative error ~7e-8 of the largest entry for a
-    32-channel 8x8 input, ~5e-7 for one float32 product over the whole batch; checked against
-    float64 in tests/methods/test_kfac_input_factor.py).
+    own dtype, and sums the groups' Grams in float64: no float64 copy of the patches, and the
+    float64 sum over groups avoids the error of one long float32 sum (relative error ~7e-8 of
+    the largest entry for a 32-channel 8x8 input, ~5e-7 for one float32 product over the whole
+    batch; checked against float64 in tests/methods/test_kfac_input_factor.py). Speed:
+    perf/README.md ("K-FAC fit").
 
     Args:
         module: the convolution.
@@ -520,8 +520,8 @@ def _patch_vectors(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
     Undilated convolutions: the patch entries come in (kernel row, kernel column, channel)
     order (see :func:`_unfold_order`), copied from a windowed view of the channels-last padded
-    input in runs of ``kw * C_in`` contiguous floats (~2x faster than ``F.unfold`` and the
-    transposing copy of its ``[b, d_in, L]`` result). Otherwise ``F.unfold``'s order.
+    input in runs of ``kw * C_in`` contiguous floats (instead of ``F.unfold`` and a transposing
+    copy of its ``[b, d_in, L]`` result; speed: perf/README.md). Otherwise ``F.unfold``'s order.
     """
     if tuple(module.dilation) != (1, 1):
         patches = _unfold(module, x)  # [b, d_in, L]
