@@ -6,11 +6,10 @@ parameters, 1500 steps each). ``train_ensemble`` stacks the K members' parameter
 ``torch.func.functional_call``, backpropagates the sum of the members' losses (member k's loss
 depends only on its own row, so row k of the gradient is member k's gradient) and steps the
 stacked tensor with one ``torch.optim.Adam``. This removes the per-model Python, dispatch and
-optimizer overhead (Adam over ~140 parameter tensors), not the convolutions' arithmetic (~60% of
-a one-model step on the CPU, no faster as grouped convolutions). GroupNorm and two kinds of
-convolution run through batching rules of our own (:mod:`diffusion.member_layers`), which
-avoid torch.func's slow generic rules for them (~10% of an ensemble step). Throughput on one
-CPU thread with the quick preset model: see ``benchmarks.groundtruth.DEFAULT_ENSEMBLE_SIZE``.
+optimizer overhead (Adam over ~140 parameter tensors), not the convolutions' arithmetic.
+GroupNorm and two kinds of convolution run through batching rules of our own
+(:mod:`diffusion.member_layers`) instead of torch.func's generic rules for them. Where the time
+goes and the throughput gained: perf/README.md ("Ensemble training").
 
 Same random streams as ``train_model``: member k draws its initial weights, minibatch order and
 (flip, t, eps) from generators seeded exactly as ``train_model(images[subsets[k]], ...,

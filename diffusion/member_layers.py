@@ -1,18 +1,18 @@
-"""Batching rules for the layers of a vmapped ensemble, faster on the CPU than torch.func's own.
+"""Batching rules for the layers of a vmapped ensemble, replacing torch.func's generic ones.
 
 :func:`diffusion.ensemble.train_ensemble` runs K U-Nets as one ``torch.func.vmap`` over
-``functional_call``. For two kinds of layer, torch.func's generic batching rules cost far more
-than the arithmetic (measured with the quick preset's U-Net, 8 members, batch 64, one thread):
+``functional_call``. For two kinds of layer, torch.func's generic batching rules cost more than
+the arithmetic on the CPU (figures: perf/README.md, "Ensemble training"):
 
 - ``nn.GroupNorm`` with per-member affine parameters: vmap normalises without the affine and
   applies the members' weights and biases as broadcast multiplies and adds on a transposed
-  layout, plus copies between layouts (~12% of an ensemble step). Here: one native
-  ``group_norm`` over ``[B, K * C, ...]`` with ``K * G`` groups and the members' affine
-  parameters stacked to ``[K * C]``: per (row, group) the same computation as one member's.
+  layout, plus copies between layouts. Here: one native ``group_norm`` over
+  ``[B, K * C, ...]`` with ``K * G`` groups and the members' affine parameters stacked to
+  ``[K * C]``: per (row, group) the same computation as one member's.
 - ``nn.Conv2d``: vmap makes every convolution one grouped convolution (K groups), which oneDNN
-  runs well for 3x3 kernels with many output channels but ~2x slower than K separate
-  convolutions when each group has very few output channels (the output convolution, 1 channel
-  per member), and slower than a batched matrix product for 1x1 kernels (the ResBlock skips).
+  runs well for 3x3 kernels with many output channels but slower than K separate convolutions
+  when each group has very few output channels (the output convolution, 1 channel per member),
+  and slower than a batched matrix product for 1x1 kernels (the ResBlock skips).
   Here: ``C_out < _MIN_GROUPED_OUT_CHANNELS`` -> one convolution per member; 1x1 kernels ->
   ``einsum`` (a batched matrix product over members); otherwise the grouped convolution, its
   bias added apart as vmap does (a bias fused into oneDNN's grouped convolution gets a

@@ -8,8 +8,8 @@ Monte Carlo draws ``(t_s, eps_s[, flip_s])`` of the per-draw measurement
 - ``"hooks"`` (default where it applies): one forward pass over all ``B * S`` rows of a chunk
   records each layer's inputs and outputs, one ``autograd.grad`` gives the outputs' gradients,
   and each example's weight gradient is formed from them (a ``bmm`` for linear layers, one
-  grouped weight-gradient convolution for ``nn.Conv2d``). On the quick digits setting this is
-  ~1.5x faster than ``vmap`` and within ~1.2x of a plain batched backward pass.
+  grouped weight-gradient convolution for ``nn.Conv2d``). Its cost against ``vmap`` and a
+  plain batched backward pass: perf/README.md ("Per-example gradients").
 - ``"vmap"``: ``torch.func.vmap(grad(f))`` over the examples with ``functional_call``, the S
   draws of one example batched inside one forward; works for any layer.
 
@@ -287,7 +287,7 @@ def per_example_gradients(
             weight gradients from the layers' inputs and output gradients, one ``bmm`` per
             layer), ``"vmap"`` (``torch.func.vmap(grad(...))`` over the examples; any layer
             type) or ``"auto"`` (hooks when every attributed layer supports them). Same values
-            up to floating-point rounding; hooks is several times faster on CPU.
+            up to floating-point rounding (speed: perf/README.md).
     Returns:
         ``# [B, n_params]`` per-example gradients in ``layout``.
     """

@@ -36,15 +36,17 @@ batch size. Precision: the factors are accumulated in float64 whatever the model
 forward and backward passes stay in the model's dtype). At damping 1e-8 the inverse resolves
 eigenvalues below float32's resolution of a long sum, and float32 accumulation made the scores
 depend on the batch size by percents. The one exception is deliberate: a convolution's input
-factor under K-FAC expand (the fit's dominant cost, ~9x the layer's forward FLOPs on the quick
-U-Net) multiplies groups of 4096 patch vectors in the model's dtype and sums the groups in
-float64 (:func:`_conv_patch_gram`: ~1e-7 relative error, 2.5x faster fit than float64 products).
+factor under K-FAC expand (the fit's dominant cost) multiplies groups of 4096 patch vectors in
+the model's dtype and sums the groups in float64 (:func:`_conv_patch_gram`: ~1e-7 relative
+error). What the fit costs and what the grouping saves: perf/README.md ("K-FAC fit").
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +60,19 @@ from diffusion.schedule import NoiseSchedule
 from methods.gradients import ParameterLayout, draw_examples
 
 __all__ = [
+    "CURVLINOPS_HOOKS",
+    "CURVLINOPS_REQUIREMENT",
+    "CURVLINOPS_STATE",
     "DENSE_MAX_PARAMS",
     "FIT_STREAM",
     "HESSIANS",
     "KFAC_APPROXES",
+    "CurvlinopsHook",
+    "CurvlinopsSeamError",
     "DenseCurvature",
     "EigenCurvature",
+    "check_curvlinops_hooks",
+    "check_curvlinops_state",
     "fit_dense",
     "fit_kfac",
     "kfac_factors",
@@ -241,6 +250,130 @@ class _FlatEpsModel(nn.Module):
         return self.model(batch["x_t"], batch["t"]).flatten(1)
 
 
+# ----------------------------------------------------------------------------- curvlinops seam
+
+CURVLINOPS_REQUIREMENT = "curvlinops-for-pytorch>=3.0,<3.1"
+"""The curvlinops versions whose internals this module was written against (pyproject.toml)."""
+
+
+@dataclass(frozen=True)
+class CurvlinopsHook:
+    """A curvlinops method, not public API, that this module overrides or calls.
+
+    curvlinops calls its hooks by keyword (``module_name=``, ``module=``), so the parameter
+    names are part of the contract.
+
+    Attributes:
+        owner: the curvlinops class defining it.
+        name: the method's name.
+        parameters: its parameter names as ``inspect.signature`` lists them on ``owner``.
+        use: what this module does with it (which class overrides or calls it).
+    """
+
+    owner: type
+    name: str
+    parameters: tuple[str, ...]
+    use: str
+
+
+CURVLINOPS_HOOKS: tuple[CurvlinopsHook, ...] = (
+    CurvlinopsHook(
+        KFACLinearOperator,
+        "_hook_accumulate_input_covariance",
+        ("self", "module", "inputs", "module_name"),
+        "overridden by _Float64Factors (float64 input factor)",
+    ),
+    CurvlinopsHook(
+        KFACLinearOperator,
+        "_accumulate_gradient_covariance",
+        ("self", "grad_output", "module", "module_name"),
+        "overridden by _Float64Factors (float64 output-gradient factor)",
+    ),
+    CurvlinopsHook(
+        KFACLinearOperator,
+        "_set_or_add_",
+        ("dictionary", "key", "value"),
+        "called by _Float64Factors to accumulate the input factor",
+    ),
+    CurvlinopsHook(
+        KFACLinearOperator,
+        "draw_label",
+        ("self", "output"),
+        "overridden by _SeededTargets (per-example MC-Fisher targets)",
+    ),
+    CurvlinopsHook(
+        EKFACLinearOperator,
+        "_hook_cache_inputs",
+        ("self", "module", "inputs", "module_name"),
+        "overridden by _EKFAC (float64 layer inputs)",
+    ),
+    CurvlinopsHook(
+        EKFACLinearOperator,
+        "_accumulate_corrected_eigenvalues",
+        ("self", "grad_output", "module", "module_name"),
+        "overridden by _EKFAC (float64 output gradients)",
+    ),
+)
+"""Every curvlinops method this module overrides or calls that is not public API."""
+
+CURVLINOPS_STATE: tuple[str, ...] = (
+    "_model_func",
+    "_kfac_approx",
+    "_separate_weight_and_bias",
+    "_N_data",
+    "_input_covariances",
+)
+"""The private attributes of a built curvlinops operator that _Float64Factors and
+_SeededTargets read or write."""
+
+
+class CurvlinopsSeamError(RuntimeError):
+    """The installed curvlinops lacks or changed an internal that this module relies on."""
+
+
+def _curvlinops_version() -> str:
+    try:
+        return importlib.metadata.version("curvlinops-for-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def _seam_error(attribute: str, problem: str, use: str) -> CurvlinopsSeamError:
+    return CurvlinopsSeamError(
+        f"curvlinops {_curvlinops_version()}: {attribute} {problem}; methods/kfac_curvature.py "
+        f"relies on it ({use}). Fix: install {CURVLINOPS_REQUIREMENT!r} (the pin in "
+        "pyproject.toml), or update methods/kfac_curvature.py (CURVLINOPS_HOOKS and the classes "
+        "using them) to the installed curvlinops"
+    )
+
+
+def check_curvlinops_hooks(hooks: Iterable[CurvlinopsHook] = CURVLINOPS_HOOKS) -> None:
+    """Raise :class:`CurvlinopsSeamError` if a hook is missing or its parameters changed."""
+    for hook in hooks:
+        attribute = f"{hook.owner.__name__}.{hook.name}"
+        method = getattr(hook.owner, hook.name, None)
+        if not callable(method):
+            raise _seam_error(attribute, "does not exist", hook.use)
+        parameters = tuple(inspect.signature(method).parameters)
+        if parameters != hook.parameters:
+            raise _seam_error(
+                attribute,
+                f"takes ({', '.join(parameters)}), expected ({', '.join(hook.parameters)})",
+                hook.use,
+            )
+
+
+def check_curvlinops_state(operator: object, names: Iterable[str] = CURVLINOPS_STATE) -> None:
+    """Raise :class:`CurvlinopsSeamError` if the built ``operator`` lacks one of ``names``."""
+    for name in names:
+        if not hasattr(operator, name):
+            raise _seam_error(
+                f"{type(operator).__name__}.{name}",
+                "is not set by the operator's constructor",
+                "read or written by _Float64Factors / _SeededTargets",
+            )
+
+
 class _SeededTargets:
     """Mixin: MC-Fisher targets from the per-example draws instead of one global generator.
 
@@ -267,7 +400,8 @@ class _Float64Factors:
     of many outer products (~1e-7 of the largest), so float32 accumulation makes the scores
     depend on the summation order (the batch size) by percents. The layer inputs and output
     gradients are cast to float64 before curvlinops' outer products (overrides of curvlinops
-    3.0's hook methods; the forward/backward passes stay in the model's dtype).
+    3.0's hook methods, declared in :data:`CURVLINOPS_HOOKS`; the forward/backward passes stay
+    in the model's dtype).
     """
 
     def _hook_accumulate_input_covariance(self, module, inputs, module_name):
@@ -343,11 +477,11 @@ def _conv_patch_gram(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, 
 
     Extracts and multiplies a group of about :data:`_GRAM_GROUP_ROWS` (row, position) patch
     vectors at a time (the group's patches stay in cache; the batch's would not), in the input's
-    own dtype, and sums the groups' Grams in float64: float32 products run ~2x faster than
-    float64 ones and need no float64 copy of the patches, while the float64 sum over groups
-    avoids the error of one long float32 sum (relative error ~7e-8 of the largest entry for a
-    32-channel 8x8 input, ~5e-7 for one float32 product over the whole batch; checked against
-    float64 in tests/methods/test_kfac_input_factor.py).
+    own dtype, and sums the groups' Grams in float64: no float64 copy of the patches, and the
+    float64 sum over groups avoids the error of one long float32 sum (relative error ~7e-8 of
+    the largest entry for a 32-channel 8x8 input, ~5e-7 for one float32 product over the whole
+    batch; checked against float64 in tests/methods/test_kfac_input_factor.py). Speed:
+    perf/README.md ("K-FAC fit").
 
     Args:
         module: the convolution.
@@ -386,8 +520,8 @@ def _patch_vectors(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
     Undilated convolutions: the patch entries come in (kernel row, kernel column, channel)
     order (see :func:`_unfold_order`), copied from a windowed view of the channels-last padded
-    input in runs of ``kw * C_in`` contiguous floats (~2x faster than ``F.unfold`` and the
-    transposing copy of its ``[b, d_in, L]`` result). Otherwise ``F.unfold``'s order.
+    input in runs of ``kw * C_in`` contiguous floats (instead of ``F.unfold`` and a transposing
+    copy of its ``[b, d_in, L]`` result; speed: perf/README.md). Otherwise ``F.unfold``'s order.
     """
     if tuple(module.dilation) != (1, 1):
         patches = _unfold(module, x)  # [b, d_in, L]
@@ -547,6 +681,7 @@ def _kfac_operator(
         dtype=dtype,
         device=device,
     )
+    check_curvlinops_hooks()
     cls = _EKFAC if ekfac else _KFAC
     operator = cls(
         wrapped,
@@ -563,6 +698,7 @@ def _kfac_operator(
         num_data=int(images.shape[0]) * n_samples,
         batch_size_fn=lambda batch: int(batch["x_t"].shape[0]),
     )
+    check_curvlinops_state(operator)
     return operator, wrapped
 
 

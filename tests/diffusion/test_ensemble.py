@@ -15,16 +15,6 @@ from diffusion.schedule import NoiseSchedule
 from diffusion.train import TrainConfig, _epoch_batches, diffusion_loss, learning_rate, train_model
 from diffusion.unet import UNet, UNetConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads (and spin-wait on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = dataclasses.replace(UNetConfig.tiny(), base_channels=8)  # 18,521 parameters
 SCHEDULE = NoiseSchedule(num_timesteps=50)
 # Clipping at 0.05 is active at every step (checked below); cosine decay after 2 warmup steps.

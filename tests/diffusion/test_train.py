@@ -21,17 +21,6 @@ from diffusion.train import (
 )
 from diffusion.unet import UNet, UNetConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, loaded CPU intra-op threads
-    spin-wait for each other (20x slower measured): run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = UNetConfig.tiny()
 TINY_DROPOUT = dataclasses.replace(TINY, dropout=0.1)
 

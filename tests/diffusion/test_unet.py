@@ -12,17 +12,6 @@ from torch import nn
 
 from diffusion.unet import AttentionBlock, UNet, UNetConfig, count_parameters, timestep_embedding
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, loaded CPU intra-op threads
-    spin-wait for each other (20x slower measured): run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL_RGB = UNetConfig(
     image_channels=3,
     image_size=16,

@@ -7,16 +7,13 @@ training images from scikit-learn's digits (``x / 8 - 1``) and 3 queries. The mo
 trained: Ho et al.'s initialisation zeroes the last convolution of every block (the network
 outputs exactly 0 and most layers get no gradient), so the weights are perturbed with seeded
 noise instead, which makes every layer active. Retraining (``train_fn``) is a few full-batch
-Adam steps from those weights.
-
-Tiny ops are much slower with two threads than with one on a shared 2-core machine, so the
-fixtures that run methods pin torch to one thread for their module (and restore it after).
+Adam steps from those weights. The torch thread count is set in tests/conftest.py.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -102,15 +99,6 @@ class DictCache:
             self.entries[key] = compute_fn()
             self.computed += 1
         return self.entries[key]
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Run the module's tests with one torch thread, restoring the previous count after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _make_smoke_context() -> MethodContext:

@@ -4,8 +4,8 @@ Parametrised at collection time over ``methods.available_methods()``: built-ins,
 registrations made before collection, and installed plugins (entry-point group
 ``diffusion_attribution.methods``) are all checked without being listed here.
 
-For each method (skipped when ``availability()`` says it cannot run here; a built-in whose own
-module is not written yet is skipped with the ImportError, any other import error fails):
+For each method (skipped when ``availability()`` says it cannot run here; a method whose module
+fails to import is an error):
 
 - ``kind == "scores"``: ``score(ctx)`` is ``[n_queries, n_train]`` float64 and finite;
   ``kind == "subset-predictions"``: ``predict_subsets(ctx, masks)`` is ``[n_subsets, n_queries]``
@@ -31,30 +31,14 @@ import pytest
 from methods import MethodContext, available_methods, get_method
 from methods.base import AttributionMethod
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 METHOD_NAMES = available_methods()  # at collection: plugins and registrations included
 
 _OUTPUTS: dict[str, np.ndarray] = {}  # first output per method, reused across the checks
 
 
 def _build(name: str, **overrides) -> AttributionMethod:
-    """The registered method ``name``; skips when its module does not exist yet or it is
-    unavailable here."""
-    entry = get_method(name)
-    try:
-        entry.load()
-    except ImportError as error:
-        cause = error.__cause__
-        own_module = entry.target.partition(":")[0] if isinstance(entry.target, str) else None
-        if (
-            isinstance(cause, ModuleNotFoundError)
-            and own_module is not None
-            and cause.name == own_module
-        ):
-            pytest.skip(f"method {name!r}: its module {own_module!r} does not exist yet ({cause})")
-        raise
-    method = entry.build(**overrides)
+    """The registered method ``name``; skips when it is unavailable here."""
+    method = get_method(name).build(**overrides)
     available, reason = method.availability()
     if not available:
         pytest.skip(f"method {name!r} is unavailable here: {reason}")
@@ -150,25 +134,3 @@ def test_self_influence_ranks_high(
         f"{name}: training examples used as queries rank themselves at {ranks.tolist()} "
         f"(0 = top) of {n_train}; expected an average in the top quarter"
     )
-
-
-def test_only_a_missing_own_module_is_skipped(tmp_path, monkeypatch):
-    """A built-in whose module is not written yet is skipped; a module that exists but fails to
-    import (here: a missing dependency) is an error, not a skip."""
-    from methods.registry import REGISTRY, MethodEntry
-
-    REGISTRY.add(MethodEntry("zz-not-written", "methods.zz_not_written_yet:Method"))
-    try:
-        with pytest.raises(pytest.skip.Exception, match="does not exist yet"):
-            _build("zz-not-written")
-    finally:
-        REGISTRY.remove("zz-not-written")
-
-    (tmp_path / "zz_broken_plugin.py").write_text("import zz_no_such_dependency\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    REGISTRY.add(MethodEntry("zz-broken", "zz_broken_plugin:Method"))
-    try:
-        with pytest.raises(ImportError, match="zz_no_such_dependency"):
-            _build("zz-broken")
-    finally:
-        REGISTRY.remove("zz-broken")

@@ -16,8 +16,6 @@ from methods.gradients import (
 )
 from tests.methods.conftest import SMOKE_SCHEDULE, digits_images, smoke_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _flat_grad(model: nn.Module, layout: ParameterLayout) -> torch.Tensor:
     """``# [n_params]`` the .grad of the layout's parameters, ``[W.flatten(1) | b]`` per layer."""

@@ -22,8 +22,6 @@ from methods.gradients import ParameterLayout, draw_examples
 from methods.kfac import QUERY_STREAM, TRAIN_STREAM, KFACInfluence
 from methods.kfac_curvature import FIT_STREAM, fit_kfac, kfac_factors
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SCHEDULE = NoiseSchedule(num_timesteps=20, beta_start=1e-3, beta_end=0.1)
 SHAPE = (1, 4, 4)
 

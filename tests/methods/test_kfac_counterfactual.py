@@ -26,8 +26,6 @@ from methods.context import MethodContext
 from methods.kfac import KFACInfluence
 from tests.methods.conftest import digits_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SCHEDULE = NoiseSchedule(num_timesteps=20, beta_start=1e-3, beta_end=0.1)
 N_TRAIN, N_QUERIES, N_REMOVE = 40, 6, 5
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from benchmarks.store import ArtifactStore
 from methods import kfac as kfac_module
 from methods.context import MethodContext
 from methods.kfac import KFACInfluence, quantize_rows
 from tests.methods.conftest import DictCache
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VARIANTS = {
     "kfac": {},
@@ -39,8 +38,7 @@ def test_scores_do_not_depend_on_chunk_sizes(smoke_context, variant):
 
 
 def test_cached_curvature_equals_a_fresh_one(smoke_context, tmp_path, monkeypatch):
-    store_module = pytest.importorskip("benchmarks.store")
-    store = store_module.ArtifactStore(tmp_path)
+    store = ArtifactStore(tmp_path)
     fresh = _scores(smoke_context, quantize=None)
     ctx = replace(smoke_context, cache=store)
     first = _scores(ctx, quantize=None)  # computes, stores, reads back
