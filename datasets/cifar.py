@@ -252,6 +252,11 @@ def load_cifar2(
 
     See :func:`cifar2_indices` for the draw. Labels keep their CIFAR-10 ids (1 and 7).
 
+    Args:
+        data_dir: directory holding ``cifar-10-batches-py`` (or where to download it).
+        download: download CIFAR-10 when it is not found (where the network allows).
+        per_class: images per class.
+
     Returns:
         ImageDataset "cifar2": images ``[5000, 3, 32, 32]``, labels ``[5000]``, indices
         ``[5000]`` ascending positions in the 50000-image CIFAR-10 train set.

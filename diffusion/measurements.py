@@ -67,8 +67,10 @@ def parse_measurement(name: str, num_timesteps: int | None = None) -> tuple[str,
     Args:
         name: e.g. ``"loss"`` or ``"timestep-loss:250"``.
         num_timesteps: T; when given, the timestep of ``timestep-loss`` must lie in [0, T).
+
     Returns:
         ``(base, None)`` or ``("timestep-loss", t)``.
+
     Raises:
         ValueError: unknown name (the message lists the valid ones), missing, extra or
             malformed parameter, timestep out of range.
@@ -169,6 +171,7 @@ def draw_mc(
         generator: the source of randomness.
         common: draw one set of S draws and share it by all items (expanded views, rows equal).
         dtype: floating dtype of ``eps``.
+
     Returns:
         MCDraws with ``t`` ``[B, S]`` and ``eps`` ``[B, S, C, H, W]``.
     """
@@ -221,6 +224,7 @@ def per_draw(
         trajectory: for ``trajectory-logprob`` only (ignored otherwise): the sampling chains of
             the B items, ``[B, T + 1, C, H, W]`` with ``trajectory[:, 0] = x_T`` (as returned by
             :func:`diffusion.sampling.sample`).
+
     Returns:
         ``[B, S]`` per-draw values in the dtype of ``x0``; their mean over S is the estimate.
     """
@@ -241,12 +245,21 @@ def per_draw_many(
     *,
     trajectory: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """:func:`per_draw` of several measurements at the same draws, one model forward per
-    distinct model input: the :data:`SHARED_FORWARD` measurements share one (the ground truth
-    measures ``loss`` and ``elbo`` of every retrained model: half the forwards), each
-    ``timestep-loss:<k>`` and ``trajectory-logprob`` has its own.
+    """:func:`per_draw` of several measurements at the same draws.
 
-    Args and shapes as :func:`per_draw`; ``names`` non-empty.
+    One model forward per distinct model input: the :data:`SHARED_FORWARD` measurements share
+    one (the ground truth measures ``loss`` and ``elbo`` of every retrained model: half the
+    forwards), each ``timestep-loss:<k>`` and ``trajectory-logprob`` has its own.
+
+    Args:
+        names: measurement names (non-empty), each as :func:`per_draw` takes it.
+        model: the eps-model.
+        schedule: its noise schedule.
+        x0: ``[B, C, H, W]`` clean images.
+        t: ``[B, S]`` timesteps.
+        eps: ``[B, S, C, H, W]`` noise.
+        trajectory: ``[B, T + 1, C, H, W]`` sampling trajectories (``trajectory-logprob``).
+
     Returns:
         name -> ``[B, S]`` per-draw values, each bitwise what :func:`per_draw` returns for it.
     """
@@ -367,6 +380,7 @@ def measure(
         draws: Monte Carlo draws with B items, ``t`` ``[B, S]``, ``eps`` ``[B, S, C, H, W]``.
         trajectory: ``[B, T + 1, C, H, W]``, required by ``trajectory-logprob``.
         chunk_size: maximum number of forward rows per chunk, >= 1.
+
     Returns:
         ``[B]`` estimates in the dtype of ``x0``.
     """
@@ -385,8 +399,22 @@ def measure_many(
     trajectory: torch.Tensor | None = None,
     chunk_size: int = 4096,
 ) -> dict[str, torch.Tensor]:
-    """:func:`measure` of several measurements on the same draws, sharing model forwards as
-    :func:`per_draw_many` does. Returns name -> ``[B]``, each bitwise :func:`measure`'s."""
+    """:func:`measure` of several measurements on the same draws.
+
+    Model forwards are shared as :func:`per_draw_many` shares them.
+
+    Args:
+        names: measurement names (non-empty).
+        model: the eps-model.
+        schedule: its noise schedule.
+        x0: ``[B, C, H, W]`` clean images.
+        draws: the Monte Carlo draws, ``t`` ``[B, S]`` and ``eps`` ``[B, S, C, H, W]``.
+        trajectory: ``[B, T + 1, C, H, W]`` sampling trajectories (``trajectory-logprob``).
+        chunk_size: draws evaluated per model call; does not change the values.
+
+    Returns:
+        name -> ``[B]``, each bitwise what :func:`measure` returns for it.
+    """
     if isinstance(names, str) or not names:
         raise ValueError(f"names must be a non-empty sequence of measurement names, got {names!r}")
     for name in names:

@@ -68,8 +68,11 @@ class SampleResult:
 
 
 def _index(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[t]`` (float64 schedule tensor [T]) cast to ``like``'s dtype/device, shaped
-    ``[B, 1, 1, 1]`` for ``t`` of shape [B]. Plain indexing: works under ``torch.func.vmap``."""
+    """``values[t]`` (float64 schedule tensor [T]) cast to ``like``'s dtype and device.
+
+    Shaped ``[B, 1, 1, 1]`` for ``t`` of shape [B]. Plain indexing: works under
+    ``torch.func.vmap``.
+    """
     out = values.to(device=like.device)[t].to(like.dtype)  # [B]
     return out.view(-1, *([1] * (like.dim() - 1)))
 
@@ -87,6 +90,7 @@ def posterior_mean(
         schedule: the noise schedule.
         x_t: noisy images, ``[B, C, H, W]``.
         t: 0-indexed timesteps, ``[B]`` long.
+
     Returns:
         the mean of p_theta(x_{t-1} | x_t), ``[B, C, H, W]``, in the dtype of ``x_t``.
     """
@@ -153,6 +157,7 @@ def sample(
         progress: show a tqdm bar over the T timesteps.
         dtype: floating dtype of the chain; default: the model parameters' dtype (float32 when
             the model has none).
+
     Returns:
         SampleResult with ``images`` ``[n, C, H, W]`` and optionally ``trajectory``, on the CPU.
     """

@@ -86,6 +86,7 @@ class NoiseSchedule:
             x0: clean images, [B, C, H, W].
             t: 0-indexed timesteps, [B] (long).
             eps: standard normal noise, [B, C, H, W].
+
         Returns:
             noisy images x_t, [B, C, H, W], in the dtype of ``x0``.
         """

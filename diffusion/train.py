@@ -137,6 +137,7 @@ def diffusion_loss(
         x0: clean images, [B, C, H, W].
         t: 0-indexed timesteps, [B] long.
         eps: noise, [B, C, H, W].
+
     Returns:
         [B] per-example losses (differentiable).
     """
@@ -156,8 +157,10 @@ def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Itera
 
 @contextmanager
 def _private_global_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the global RNG of the CPU (and of a CUDA ``device``) with ``seed`` inside the block,
-    and restore the caller's state afterwards. Used for dropout, which has no generator argument."""
+    """Seed the global RNG of the CPU (and of a CUDA ``device``) with ``seed`` inside the block.
+
+    The caller's state is restored afterwards. Used for dropout, which has no generator argument.
+    """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         fork = torch.random.fork_rng(devices=[index], device_type="cuda")
@@ -218,6 +221,7 @@ def train_model(
         progress: show a tqdm bar with the running loss.
         init_model: start from a deep copy of these weights instead of a fresh initialisation
             (``init_model`` itself is not modified).
+
     Returns:
         the trained model, float32, in eval mode, on the CPU.
     """

@@ -180,6 +180,7 @@ def timestep_embedding(
         t: timesteps, [B] (any integer or float dtype).
         dim: embedding width, >= 4.
         dtype: floating dtype of the computation and the result.
+
     Returns:
         [B, dim] embedding.
     """
@@ -398,6 +399,7 @@ class UNet(nn.Module):
         Args:
             x_t: noisy images, [B, C, H, W] (C = image_channels, H = W = image_size).
             t: 0-indexed integer timesteps, [B].
+
         Returns:
             eps_hat, [B, C, H, W], in the dtype of the parameters.
         """
