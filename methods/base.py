@@ -76,6 +76,7 @@ class AttributionMethod:
         Args:
             ctx: the method context.
             masks: ``# [n_subsets, n_train]`` bool, True where the example is kept.
+
         Returns:
             ``# [n_subsets, n_queries]`` predicted measurement (any affine scale: LDS is a
             rank correlation across subsets).

@@ -28,6 +28,7 @@ def cosine_similarity_matrix(queries: torch.Tensor, train: torch.Tensor) -> np.n
     Args:
         queries: ``# [n_queries, D]`` (any shape ``[n_queries, ...]``; flattened).
         train: ``# [n_train, D]`` (any shape ``[n_train, ...]``; flattened).
+
     Returns:
         ``# [n_queries, n_train]`` float64, ``<q, x> / max(|q| |x|, 1e-12)`` (a zero vector has
         similarity 0 with everything).

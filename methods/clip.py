@@ -171,7 +171,9 @@ def preprocess_images(images: torch.Tensor, size: int | tuple[int, int], mean, s
     Args:
         images: ``# [B, C, H, W]`` in [-1, 1], C = 1 (replicated to RGB) or 3.
         size: the model's input size (int: square).
-        mean, std: per-channel normalisation (3 values each).
+        mean: per-channel normalisation mean (3 values).
+        std: per-channel normalisation standard deviation (3 values).
+
     Returns:
         ``# [B, 3, size_h, size_w]`` float32: ``((x + 1) / 2`` bicubically resized (antialiased),
         clamped to [0, 1], then ``(x - mean) / std``.
@@ -197,6 +199,7 @@ class CLIPCosine(AttributionMethod):
     invariant_config_fields: ClassVar[dict[str, tuple[Any, Any]]] = {"batch_size": (1, 7)}
 
     def availability(self) -> tuple[bool, str]:
+        """Whether local CLIP weights were found, and where the search looked if not."""
         resolved = resolve_weights(self.config)
         return resolved.path is not None, resolved.reason
 
@@ -225,7 +228,16 @@ class CLIPCosine(AttributionMethod):
 
     @torch.no_grad()
     def embed(self, model, images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """``# [B, embed_dim]`` float32 image embeddings (not normalised)."""
+        """Image embeddings of ``images``, ``batch_size`` at a time.
+
+        Args:
+            model: the open_clip model (:meth:`load_model`).
+            images: ``# [B, C, H, W]`` harness images in [-1, 1].
+            device: where to embed.
+
+        Returns:
+            ``# [B, embed_dim]`` float32 embeddings on the CPU (not normalised).
+        """
         import open_clip
 
         cfg = open_clip.get_model_preprocess_cfg(model)

@@ -149,6 +149,7 @@ class ParameterLayout:
 
         Args:
             flat: ``# [B, n_params]`` in this layout.
+
         Returns:
             one ``# [B, d_out, cols]`` view per block.
         """
@@ -163,6 +164,7 @@ class ParameterLayout:
 
         Args:
             grads: qualified name -> ``# [B, *param.shape]``.
+
         Returns:
             ``# [B, n_params]``.
         """
@@ -195,6 +197,7 @@ class ExampleDraws:
 
     @property
     def n_samples(self) -> int:
+        """Draws per example (S)."""
         return int(self.t.shape[1])
 
     def samples(self, start: int, stop: int) -> ExampleDraws:
@@ -210,7 +213,13 @@ class ExampleDraws:
 def example_generator(seed: int, stream: str, index: int) -> torch.Generator:
     """A CPU generator seeded with a stable hash of ``(seed, stream, index)``.
 
-    ``stream`` separates independent uses (``"train"``, ``"query"``, ``"fit"``, ...).
+    Args:
+        seed: the run's seed.
+        stream: separates independent uses (``"train"``, ``"query"``, ``"fit"``, ...).
+        index: the example's index in its set.
+
+    Returns:
+        A fresh ``torch.Generator`` whose draws depend on these three values alone.
     """
     digest = hashlib.blake2b(f"{int(seed)}|{stream}|{int(index)}".encode(), digest_size=8)
     return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
@@ -233,6 +242,17 @@ def draw_examples(
     Per example, in this order: ``t`` and ``eps`` (:func:`diffusion.measurements.draw_mc`),
     then the flips (if ``hflip``), then the extra noise (if ``extra_noise``). The loop over
     examples only seeds generators; all compute is batched.
+
+    Args:
+        indices: ``# [B]`` the examples' indices in their set (their draws' identity).
+        n_samples: draws per example (S).
+        image_shape: ``[C, H, W]``.
+        num_timesteps: T of the noise schedule.
+        seed: the run's seed.
+        stream: the use these draws serve (:func:`example_generator`).
+        hflip: also draw a horizontal flip per draw.
+        extra_noise: also draw a second noise tensor per draw (the MC-Fisher's sampled target).
+        dtype: dtype of the noise.
 
     Returns:
         :class:`ExampleDraws` with ``t`` ``# [B, S]``, ``eps`` ``# [B, S, C, H, W]`` (CPU).
@@ -288,6 +308,7 @@ def per_example_gradients(
             layer), ``"vmap"`` (``torch.func.vmap(grad(...))`` over the examples; any layer
             type) or ``"auto"`` (hooks when every attributed layer supports them). Same values
             up to floating-point rounding (speed: perf/README.md).
+
     Returns:
         ``# [B, n_params]`` per-example gradients in ``layout``.
     """
@@ -559,6 +580,22 @@ def iter_gradient_chunks(
 
     Example ``j``'s draws come from ``(seed, stream, j)`` only, so the gradients do not depend
     on ``batch_size`` or ``sample_chunk``.
+
+    Args:
+        model: the eps-model; its attributed layers define the gradient layout.
+        schedule: its noise schedule.
+        images: ``# [N, C, H, W]`` the examples.
+        n_samples: Monte Carlo draws per example.
+        seed: the run's seed.
+        stream: the draws' stream (:func:`example_generator`).
+        batch_size: examples per yielded chunk.
+        measurement: the function differentiated (a ``diffusion.measurements`` name).
+        hflip: average over random horizontal flips as training did.
+        layout: the parameter layout (default: every attributed layer of ``model``).
+        trajectories: ``# [N, T + 1, C, H, W]`` for ``trajectory-logprob``.
+        sample_chunk: draws per backward pass (memory only; default: all).
+        progress: show a progress bar.
+        desc: the progress bar's label.
 
     Yields:
         ``(start, stop, grads)`` with ``grads`` ``# [stop - start, n_params]`` for

@@ -126,6 +126,7 @@ class EigenCurvature:
         Args:
             grads: ``# [Q, n_params]``.
             damping: lambda > 0.
+
         Returns:
             ``# [Q, n_params]`` in float64.
         """
@@ -204,14 +205,17 @@ class DenseCurvature:
         return (rotated / (self.eigenvalues + damping)) @ v.T
 
     def dense(self) -> torch.Tensor:
+        """The curvature as a dense ``# [n_params, n_params]`` matrix."""
         v = self.eigenvectors
         return v @ torch.diag(self.eigenvalues) @ v.T
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to store (inverse of :meth:`from_tensors`)."""
         return {"eigenvectors": self.eigenvectors, "eigenvalues": self.eigenvalues}
 
     @classmethod
     def from_tensors(cls, layout: ParameterLayout, tensors: dict[str, torch.Tensor]):
+        """The curvature stored by :meth:`to_tensors`, checked against ``layout``."""
         vectors, values = tensors["eigenvectors"], tensors["eigenvalues"]
         if vectors.shape != (layout.n_params, layout.n_params):
             raise ValueError(
@@ -486,6 +490,7 @@ def _conv_patch_gram(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, 
     Args:
         module: the convolution.
         x: its input ``# [B, C_in, H, W]``.
+
     Returns:
         ``(# [d_in, d_in], # [d_in], L)``: the Gram and the sum (float64), and the number of
         positions per row.
@@ -720,9 +725,25 @@ def kfac_factors(
     layout: ParameterLayout | None = None,
     progress: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The K-FAC factors of every block: ``(A # [cols, cols], B # [d_out, d_out])`` lists.
+    """The K-FAC factors of every block.
 
     The block of layer ``l`` is ``B_l kron A_l`` on the row-major ``[d_out, cols]`` layout.
+
+    Args:
+        model: the eps-model.
+        schedule: its noise schedule.
+        images: ``# [N, C, H, W]`` the training examples the curvature averages over.
+        hessian: ``"ggn-model"`` (MC-Fisher) or ``"ggn-loss"`` (empirical Fisher).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers.
+        n_samples: Monte Carlo draws per example.
+        seed: the run's seed (draws as :func:`fit_kfac`).
+        hflip: average over random horizontal flips as training did.
+        batch_size: examples per curvature batch (does not change the factors).
+        layout: the parameter layout (default: every attributed layer of ``model``).
+        progress: show a progress bar.
+
+    Returns:
+        ``(A, B)``: lists over blocks of ``# [cols, cols]`` and ``# [d_out, d_out]`` float64.
     """
     layout = ParameterLayout.from_model(model) if layout is None else layout
     operator, _ = _kfac_operator(
@@ -792,6 +813,7 @@ def fit_kfac(
         batch_size: examples per curvlinops batch (``batch_size * K`` rows).
         layout: the attributed parameters (default: from ``model``).
         progress: tqdm bar over the batches.
+
     Returns:
         the curvature, eigendecomposed in float64.
     """
@@ -870,6 +892,21 @@ def fit_dense(
     ``J = d eps_theta(x_t, t) / d theta`` ``# [d, n_params]`` (no MC targets). ``ggn-loss``:
     ``(1/(NK)) sum_{n,k} g g^T`` with ``g`` the gradient of draw ``(n, k)``'s loss. Same draws
     as :func:`fit_kfac`.
+
+    Args:
+        model: the eps-model (at most ``DENSE_MAX_PARAMS`` attributed parameters).
+        schedule: its noise schedule.
+        images: ``# [N, C, H, W]`` the training examples.
+        hessian: ``"ggn-model"``, ``"ggn-model-exact"`` or ``"ggn-loss"``.
+        n_samples: Monte Carlo draws per example.
+        seed: the run's seed.
+        hflip: average over random horizontal flips as training did.
+        batch_size: examples per batch (does not change the result).
+        layout: the parameter layout (default: every attributed layer of ``model``).
+        progress: show a progress bar.
+
+    Returns:
+        The eigendecomposed ``# [n_params, n_params]`` curvature.
     """
     _check_fit_args(hessian, "expand", n_samples, batch_size)
     layout = ParameterLayout.from_model(model) if layout is None else layout
