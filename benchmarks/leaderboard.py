@@ -19,8 +19,14 @@ from benchmarks.lds import LDSConfig
 
 
 def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -> str:
-    """The ranked Markdown table: ok rows by LDS, then the unavailable/failed ones."""
-    from benchmarks.results import format_lds
+    """The ranked Markdown table: ok rows by LDS, then the unavailable/failed ones; methods are
+    shown by their registry display name and registry name."""
+    from benchmarks.plots import method_label
+    from benchmarks.results import NOISE_CEILING_LABEL, NOISE_CEILING_METHOD, format_lds
+
+    def name(method: str) -> str:
+        label = method_label(method)
+        return label if method == NOISE_CEILING_METHOD else f"{label} (`{method}`)"
 
     ok = summary[summary["status"] == "ok"].sort_values("lds_mean", ascending=False)
     rest = summary[summary["status"] != "ok"]
@@ -29,23 +35,23 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
         "",
         "LDS (Spearman rank correlation between predicted and retrained measurement across "
         "training subsets), mean ± standard error over generated queries, target: diffusion "
-        "loss. `noise-ceiling` is the seed-to-seed agreement of the ground truth.",
+        f"loss. The {NOISE_CEILING_LABEL} is the seed-to-seed agreement of the ground truth.",
         "",
         "| rank | method | LDS % | seconds | peak MB |",
         "|---:|---|---:|---:|---:|",
     ]
     rank = 0
     for row in ok.itertuples():
-        is_ceiling = row.method == "noise-ceiling"
+        is_ceiling = row.method == NOISE_CEILING_METHOD
         rank += 0 if is_ceiling else 1
         seconds = "" if pd.isna(row.seconds) else f"{row.seconds:.1f}"
         memory = "" if pd.isna(row.peak_memory_mb) else f"{row.peak_memory_mb:.0f}"
         lines.append(
-            f"| {'' if is_ceiling else rank} | {row.method} | "
+            f"| {'' if is_ceiling else rank} | {name(row.method)} | "
             f"{format_lds(row.lds_mean, row.lds_se)} | {seconds} | {memory} |"
         )
     for row in rest.itertuples():
-        lines.append(f"| – | {row.method} | {row.status}: {row.reason} | | |")
+        lines.append(f"| – | {name(row.method)} | {row.status}: {row.reason} | | |")
     packages = provenance.get("packages", {})
     lines += [
         "",

@@ -1,12 +1,18 @@
-"""The paper's figures, drawn from stored result tables and arrays (never recomputed here).
+"""The paper's figures, drawn with seaborn from tidy tables of stored results (never recomputed).
 
-Every ``plot_*`` function takes tables/arrays plus an output path, draws on a fresh
-:class:`matplotlib.figure.Figure` (no pyplot state, no backend selection: PNGs are rendered by
-Agg), writes the PNG atomically and returns its path. Pure selection helpers
-(:func:`select_influential`, :func:`timestep_matrix`, :func:`retrain_summary`, ...) are separate
-from drawing so they can be tested exactly.
+Every ``plot_*`` function takes tables/arrays plus an output path, writes the PNG atomically and
+returns its path; the matching ``*_figure`` function draws the same figure and returns the
+:class:`matplotlib.figure.Figure`, so the plotted values can be read back and compared with the
+tables. Bars, lines and heatmaps are seaborn plots of one tidy frame per figure (one row per
+bar, point or cell); matplotlib adds what seaborn does not draw: precomputed s.e. error bars
+(seaborn computes its own from raw data), the noise-ceiling band, text, the Figure 1 image grid.
+Figures are drawn on fresh Figures (no backend selection: PNGs are rendered by Agg); the one
+seaborn grid that makes its figure through pyplot (the damping sweep's FacetGrid) is closed once
+saved. Pure selection helpers (:func:`select_influential`, :func:`timestep_matrix`,
+:func:`retrain_summary`, ...) are separate from drawing so they can be tested exactly.
 
-LDS values in tables are fractions; figures show percent.
+Labels, table order and default dampings of methods come from the method registry
+(:mod:`methods.registry`); LDS values in tables are fractions, figures show percent.
 """
 
 from __future__ import annotations
@@ -18,30 +24,43 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
 from scipy import stats
 
 from benchmarks.metrics import summarize
 from benchmarks.results import (
+    NOISE_CEILING_LABEL,
     NOISE_CEILING_METHOD,
-    PAPER_DEFAULT_DAMPING,
     atomic_write_bytes,
     best_and_default,
     format_lds,
     validate_summary,
 )
+from methods.registry import REGISTRY, default_dampings, methods_in_table_order
 
 __all__ = [
-    "DISPLAY_NAMES",
     "HESSIAN_ABLATION_LABELS",
     "HESSIAN_ABLATION_METHODS",
     "InfluentialSelection",
     "bar_label",
+    "compression_figure",
     "correlations",
+    "damping_sweep_figure",
     "image_for_display",
+    "in_table_order",
+    "influence_grid_figure",
+    "lds_bars_figure",
+    "method_label",
+    "method_sort_key",
+    "model_correlation_figure",
     "plot_compression",
     "plot_damping_sweep",
     "plot_hessian_ablation",
@@ -50,24 +69,12 @@ __all__ = [
     "plot_model_correlation",
     "plot_retrain_changes",
     "plot_timestep_heatmap",
+    "retrain_figure",
     "retrain_summary",
     "select_influential",
+    "timestep_heatmap_figure",
     "timestep_matrix",
 ]
-
-DISPLAY_NAMES: dict[str, str] = {
-    "random": "random",
-    "clip": "CLIP cosine",
-    "trak": "TRAK",
-    "dtrak": "D-TRAK",
-    "kfac": "K-FAC influence",
-    "kfac-reduce": "K-FAC influence (reduce)",
-    "kfac-empirical": "K-FAC influence (empirical)",
-    "kfac-empirical-reduce": "K-FAC influence (empirical, reduce)",
-    "retrain": "exact retraining",
-    NOISE_CEILING_METHOD: "noise ceiling",
-}
-"""Labels of the built-in methods in figures; other methods are shown by their name."""
 
 HESSIAN_ABLATION_METHODS: tuple[str, ...] = (
     "kfac-empirical-reduce",
@@ -83,19 +90,17 @@ HESSIAN_ABLATION_LABELS: dict[str, str] = {
     "kfac-reduce": "GGN$^{model}$ (MC-Fisher), reduce",
     "kfac-empirical": "GGN$^{loss}$ (empirical), expand",
     "kfac": "GGN$^{model}$ (MC-Fisher), expand",
-    "retrain": "exact retraining",
 }
+"""Figure 4's axis labels (the Hessian approximation of each K-FAC variant)."""
 
-_METHOD_ORDER: tuple[str, ...] = (
-    "random",
-    "clip",
-    "trak",
-    "dtrak",
-    "kfac-empirical-reduce",
-    "kfac-reduce",
-    "kfac-empirical",
-    "kfac",
-)
+_LDS_AXIS_LABEL = "Rank correlation % (LDS)"
+_BAR_COLORS: dict[str, str] = {
+    "best damping": "C0",
+    "substituted measurement": "C1",
+    "exact retraining": "0.25",
+}
+"""Bar colour of each kind of Figure 2 row (tidy column ``kind``)."""
+_CEILING_COLOR, _CEILING_BAND = "0.3", "0.85"
 _NO_MEASUREMENT = {"", "-", "none", "n/a", "nan"}
 _TIMESTEP_RE = re.compile(r"^timestep-loss:(\d+)$")
 _PNG_DPI = 120
@@ -110,8 +115,10 @@ def _short(text: str, width: int) -> str:
 
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
+    """Render ``fig`` to PNG, write it atomically, and release it (also from pyplot)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_PNG_DPI, bbox_inches="tight")
+    plt.close(fig)  # a no-op for figures pyplot does not manage
     return atomic_write_bytes(Path(out_path), buffer.getvalue())
 
 
@@ -119,19 +126,55 @@ def _substituted(measurement: str, target: str) -> bool:
     return measurement.strip().lower() not in _NO_MEASUREMENT and measurement != target
 
 
+def method_label(method: str) -> str:
+    """Label of a method in tables and figures: its registry display name, the noise ceiling's
+    label, or the name itself for a method not registered here."""
+    if method == NOISE_CEILING_METHOD:
+        return NOISE_CEILING_LABEL
+    return REGISTRY.get(method).display_name if method in REGISTRY else method
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    """Key of the table order: the noise ceiling, the registry's order, then unknown names."""
+    order = methods_in_table_order()
+    if method == NOISE_CEILING_METHOD:
+        return (-1, method)
+    return (order.index(method), method) if method in order else (len(order), method)
+
+
 def bar_label(method: str, measurement: str, target: str, labels: Mapping[str, str]) -> str:
     """Row label of a bar: the method's display name, plus ``(m. <measurement>)`` when the
-    method used a measurement other than the target (the paper's "m. loss" rows)."""
-    name = labels.get(method, DISPLAY_NAMES.get(method, method))
-    return f"{name} (m. {measurement})" if _substituted(measurement, target) else name
+    method used a measurement other than the target (the paper's "m. loss" rows) and its name
+    does not already say so."""
+    name = labels.get(method, method_label(method))
+    suffix = f" (m. {measurement})"
+    substituted = _substituted(measurement, target) and not name.endswith(suffix)
+    return name + suffix if substituted else name
 
 
-def _method_rank(method: str) -> tuple[int, str]:
-    if method == "retrain":
-        return (len(_METHOD_ORDER) + 1, method)
-    if method in _METHOD_ORDER:
-        return (_METHOD_ORDER.index(method), method)
-    return (len(_METHOD_ORDER), method)
+def in_table_order(table: pd.DataFrame, target: str) -> pd.DataFrame:
+    """Rows of a table with ``method`` and ``measurement`` columns in table order: by method
+    (:func:`method_sort_key`), a method's own measurement before a substituted one (stable)."""
+    keys = [
+        (method_sort_key(m), _substituted(me, target))
+        for m, me in zip(table["method"], table["measurement"], strict=True)
+    ]
+    order = sorted(range(len(table)), key=lambda i: keys[i])
+    return table.iloc[order].reset_index(drop=True)
+
+
+def _unique(labels: Sequence[str], methods: Sequence[str]) -> list[str]:
+    """``labels`` made unique for a categorical axis: a repeated label gets ``[<method>]``,
+    then a running number if it still repeats."""
+    counts = pd.Series(labels).value_counts()
+    out = [
+        f"{lab} [{m}]" if counts[lab] > 1 else lab for lab, m in zip(labels, methods, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    for i, lab in enumerate(out):
+        seen[lab] = seen.get(lab, 0) + 1
+        out[i] = lab if seen[lab] == 1 else f"{lab} #{seen[lab]}"
+    return out
 
 
 def _one_preset(df: pd.DataFrame, preset: str | None) -> pd.DataFrame:
@@ -150,7 +193,292 @@ def _one_preset(df: pd.DataFrame, preset: str | None) -> pd.DataFrame:
     return df
 
 
+def _bar_centre(patch: Rectangle, *, horizontal: bool) -> float:
+    """Position of a bar's centre on the category axis."""
+    if horizontal:
+        return patch.get_y() + patch.get_height() / 2
+    return patch.get_x() + patch.get_width() / 2
+
+
+def _bar_patches(
+    ax: Axes, categories: Sequence[str], hue_levels: Sequence[str], *, horizontal: bool
+) -> dict[tuple[str, str], Rectangle]:
+    """(category, hue level) -> the bar seaborn drew for it on ``ax``.
+
+    seaborn's barplot adds one BarContainer per hue level, in ``hue_order``; a bar's category
+    is the nearest category position to its centre (dodged bars stay within +-0.4 of it).
+    """
+    containers = [c for c in ax.containers if isinstance(c, BarContainer)]
+    if len(containers) != len(hue_levels):
+        raise RuntimeError(
+            f"expected one bar container per hue level {list(hue_levels)}, got "
+            f"{len(containers)}; has seaborn's barplot changed?"
+        )
+    return {
+        (categories[round(_bar_centre(patch, horizontal=horizontal))], level): patch
+        for level, container in zip(hue_levels, containers, strict=True)
+        for patch in container.patches
+    }
+
+
+def _bars_with_errors(
+    ax: Axes,
+    bars: pd.DataFrame,
+    *,
+    category: str,
+    hue: str,
+    categories: Sequence[str],
+    hue_levels: Sequence[str],
+    horizontal: bool,
+    palette: Mapping[str, object] | Sequence[object],
+    error_label: str = "s.e.",
+    **barplot_kws: object,
+) -> dict[tuple[str, str], Rectangle]:
+    """seaborn bars of ``bars["value"]`` (one row per bar, keyed by ``category`` and ``hue``)
+    with the precomputed ``bars["se"]`` as error bars (none where NaN).
+
+    Returns:
+        (category, hue level) -> the bar drawn for it.
+    """
+    value_axis, category_axis = ("x", "y") if horizontal else ("y", "x")
+    sns.barplot(
+        data=bars,
+        **{value_axis: "value", category_axis: category},
+        hue=hue,
+        order=categories,
+        hue_order=hue_levels,
+        palette=palette,
+        errorbar=None,  # the s.e. is precomputed, not estimated from these rows
+        orient="h" if horizontal else "v",
+        saturation=1.0,  # the palette's colours, as in the legends
+        ax=ax,
+        **barplot_kws,
+    )
+    patches = _bar_patches(ax, categories, hue_levels, horizontal=horizontal)
+    shown = bars[np.isfinite(bars["se"].to_numpy(dtype=float))]
+    if len(shown):
+        centres = [
+            _bar_centre(patches[key], horizontal=horizontal)
+            for key in zip(shown[category], shown[hue], strict=True)
+        ]
+        values, errors = shown["value"].to_numpy(), shown["se"].to_numpy()
+        ax.errorbar(
+            *((values, centres) if horizontal else (centres, values)),
+            **{"xerr" if horizontal else "yerr": errors},
+            fmt="none",
+            ecolor="black",
+            elinewidth=1,
+            capsize=3,
+            label=error_label,
+        )
+    return patches
+
+
+def _draw_noise_ceiling(ax: Axes, value: float, se: float, *, vertical: bool) -> None:
+    """The noise ceiling (percent) as a dashed line with a ± s.e. band behind the data."""
+    se = float(np.nan_to_num(se))
+    if vertical:
+        ax.axvline(value, color=_CEILING_COLOR, ls="--", lw=1)
+        ax.axvspan(value - se, value + se, color=_CEILING_BAND, zorder=0)
+    else:
+        ax.axhline(value, color=_CEILING_COLOR, ls="--", lw=1)
+        ax.axhspan(value - se, value + se, color=_CEILING_BAND, zorder=0)
+
+
+def _ceiling_legend_entry() -> dict[str, object]:
+    return {
+        f"{NOISE_CEILING_LABEL} ± s.e.": (
+            Patch(color=_CEILING_BAND),
+            Line2D([], [], ls="--", color=_CEILING_COLOR),
+        )
+    }
+
+
 # ---------------------------------------------------------------- Figure 2 / Figure 4
+
+
+def _lds_bar_rows(
+    summary_df: pd.DataFrame,
+    *,
+    target: str,
+    defaults: Mapping[str, float],
+    methods: Sequence[str] | None,
+    labels: Mapping[str, str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 2's tidy frame and its noise-ceiling rows, both from ``best_and_default``.
+
+    The frame has one row per method row to show (``methods`` in that order, else table
+    order), with ``label`` (unique), ``kind`` (bar colour), ``value``/``se`` (best damping,
+    percent) and ``default``/``default_se`` (default damping, percent).
+    """
+    table = best_and_default(summary_df, defaults)
+    ceiling = table[table["method"] == NOISE_CEILING_METHOD]
+    table = table[table["method"] != NOISE_CEILING_METHOD]
+    if methods is not None:
+        position = {m: i for i, m in enumerate(methods)}
+        table = table[table["method"].isin(methods)]
+        keys = [
+            (position[m], _substituted(me, target))
+            for m, me in zip(table["method"], table["measurement"], strict=True)
+        ]
+        table = table.iloc[sorted(range(len(table)), key=lambda i: keys[i])]
+    else:
+        table = in_table_order(table, target)
+    if table.empty:
+        raise ValueError(f"none of the methods {list(methods or [])} has rows for {target!r}.")
+    rows = table.reset_index(drop=True)
+    pairs = list(zip(rows["method"], rows["measurement"], strict=True))
+    rows["label"] = _unique([bar_label(m, me, target, labels) for m, me in pairs], rows["method"])
+    rows["kind"] = [
+        "exact retraining"
+        if m == "retrain"
+        else ("substituted measurement" if _substituted(me, target) else "best damping")
+        for m, me in pairs
+    ]
+    rows["value"], rows["se"] = 100 * rows["lds_best"], 100 * rows["se_best"]
+    rows["default"], rows["default_se"] = 100 * rows["lds_default"], 100 * rows["se_default"]
+    return rows, ceiling
+
+
+def _shows_default(row: NamedTuple) -> bool:
+    """Whether a Figure 2 row gets a default-damping diamond (a default that is not the best)."""
+    return bool(
+        row.status == "ok"
+        and np.isfinite(row.lds_default)
+        and not (
+            row.damping_default == row.damping_best
+            or (np.isnan(row.damping_default) and np.isnan(row.damping_best))
+        )
+    )
+
+
+def _draw_defaults(ax: Axes, rows: pd.DataFrame) -> None:
+    """Hollow diamonds (± s.e.) at the default damping's LDS where it is not the best's."""
+    marked = [(y, r) for y, r in enumerate(rows.itertuples(index=False)) if _shows_default(r)]
+    if marked:
+        ax.errorbar(
+            [r.default for _, r in marked],
+            [y for y, _ in marked],
+            xerr=[np.nan_to_num(r.default_se) for _, r in marked],
+            fmt="D",
+            mfc="white",
+            mec="black",
+            ecolor="0.5",
+            ms=6,
+            capsize=2,
+            zorder=3,
+            label="default damping",
+        )
+
+
+def _annotate_rows(
+    ax: Axes, rows: pd.DataFrame, defaults: Mapping[str, float], x_min: float
+) -> None:
+    """``best ± s.e. (default)`` right of each row; ``n/a (<why>)`` on rows without a bar."""
+    for y, row in enumerate(rows.itertuples(index=False)):
+        if row.status != "ok":
+            reason = f"  n/a ({row.status}: {_short(str(row.reason), 48)})"
+            ax.text(x_min, y, reason, va="center", fontsize=8, color="0.4")
+            continue
+        text = format_lds(row.lds_best, row.se_best)
+        if np.isfinite(row.lds_default) and row.method in defaults:
+            text += f" ({row.default:.1f})"
+        ax.annotate(text, xy=(1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+
+
+def _x_range(rows: pd.DataFrame, ceiling: pd.DataFrame) -> tuple[float, float]:
+    """The LDS % axis: from min(0, lowest) to the highest bar, error bar, diamond or ceiling."""
+    ends = np.concatenate(
+        [
+            rows["value"].to_numpy() + np.nan_to_num(rows["se"].to_numpy()),
+            rows["default"].to_numpy(),
+            100 * ceiling["lds_best"].to_numpy(),
+            [0.0],
+        ]
+    )
+    ends = ends[np.isfinite(ends)]
+    return min(0.0, float(ends.min()) * 1.1), max(5.0, float(ends.max()) * 1.1)
+
+
+def lds_bars_figure(
+    summary_df: pd.DataFrame,
+    *,
+    target: str,
+    default_damping: Mapping[str, float] | None = None,
+    methods: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    preset: str | None = None,
+    title: str | None = None,
+) -> Figure:
+    """The figure of :func:`plot_lds_bars` (same arguments, no output path)."""
+    df = _one_preset(validate_summary(summary_df), preset)
+    df = df[df["target"] == target]
+    if df.empty:
+        raise ValueError(f"no summary rows with target {target!r}.")
+    defaults = dict(default_dampings(df["method"]) if default_damping is None else default_damping)
+    rows, ceiling = _lds_bar_rows(
+        df, target=target, defaults=defaults, methods=methods, labels=labels or {}
+    )
+    bars = rows[rows["status"] == "ok"]
+    categories = list(rows["label"])
+    kinds = [k for k in _BAR_COLORS if k in set(bars["kind"])]
+    x_min, x_max = _x_range(rows, ceiling)
+
+    n = len(rows)
+    fig = Figure(figsize=(7.5, 0.9 + 0.45 * n))
+    ax = fig.add_subplot()
+    if len(bars):
+        patches = _bars_with_errors(
+            ax,
+            bars,
+            category="label",
+            hue="kind",
+            categories=categories,
+            hue_levels=kinds,
+            horizontal=True,
+            palette=_BAR_COLORS,
+            error_label="s.e. at the best damping",
+            dodge=False,
+            width=0.65,
+            legend=False,
+        )
+        for (_, kind), patch in patches.items():
+            if kind == "substituted measurement":
+                patch.set_hatch("//")
+                patch.set_edgecolor("white")
+    _draw_defaults(ax, rows)
+    _annotate_rows(ax, rows, defaults, x_min)
+    for row in ceiling.itertuples(index=False):
+        if np.isfinite(row.lds_best):
+            _draw_noise_ceiling(ax, 100 * row.lds_best, 100 * row.se_best, vertical=True)
+
+    ax.set_ylim(n - 0.5, -0.5)  # first row on top, also when the last rows have no bar
+    ax.set_xlim(x_min, x_max)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel(_LDS_AXIS_LABEL)
+    ax.set_ylabel("")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    legend: dict[str, object] = {"best damping": Patch(color=_BAR_COLORS["best damping"])}
+    if len(bars) and bars["method"].isin(list(defaults)).any():
+        legend["default damping"] = Line2D([], [], marker="D", ls="", mfc="white", mec="black")
+    if "substituted measurement" in kinds:
+        legend["substituted measurement"] = Patch(
+            facecolor=_BAR_COLORS["substituted measurement"], hatch="//", edgecolor="white"
+        )
+    if not ceiling.empty:
+        legend.update(_ceiling_legend_entry())
+    ax.legend(
+        handles=list(legend.values()),
+        labels=list(legend),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1 - 0.9 / (n + 2)),
+        ncol=len(legend),
+        fontsize=7,
+        frameon=False,
+    )
+    ax.set_title(title or f"LDS, target: {target}")
+    return fig
 
 
 def plot_lds_bars(
@@ -158,7 +486,7 @@ def plot_lds_bars(
     out_path: str | Path,
     *,
     target: str,
-    default_damping: Mapping[str, float] = PAPER_DEFAULT_DAMPING,
+    default_damping: Mapping[str, float] | None = None,
     methods: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
     preset: str | None = None,
@@ -166,10 +494,10 @@ def plot_lds_bars(
 ) -> Path:
     """Figure 2 style: horizontal bars of LDS % per method for one target.
 
-    Bars show the best damping's LDS with an s.e. error bar; a hollow diamond (with its own
-    error bar) marks the default damping's LDS where it differs. Rows where the method used a
-    measurement other than ``target`` are hatched and labelled "(m. <measurement>)"; exact
-    retraining is drawn in dark grey; a :data:`NOISE_CEILING_METHOD` row becomes a dashed
+    Bars (seaborn) show the best damping's LDS with an s.e. error bar; a hollow diamond (with
+    its own error bar) marks the default damping's LDS where it differs. Rows where the method
+    used a measurement other than ``target`` are hatched and labelled "(m. <measurement>)";
+    exact retraining is drawn in dark grey; a :data:`NOISE_CEILING_METHOD` row becomes a dashed
     vertical line with a ±s.e. band; methods that are unavailable or failed get a text row.
     The numbers are written at the right: ``best ± s.e. (default)``.
 
@@ -177,133 +505,22 @@ def plot_lds_bars(
         summary_df: summary table (``benchmarks.results`` schema).
         out_path: PNG path to write.
         target: the ``target`` column value to plot (e.g. ``"loss"``, ``"elbo"``).
-        default_damping: method -> default damping (for the bracketed number).
-        methods: methods to show, in this order (default: every method, canonical order).
-        labels: method -> display label overrides.
+        default_damping: method -> default damping (for the bracketed number); None: the
+            registry's (:func:`methods.registry.default_dampings`).
+        methods: methods to show, in this order (default: every method, in table order).
+        labels: method -> display label overrides (default: the registry's display names).
         preset: which preset to plot (required when the table holds several).
         title: figure title (default: ``"LDS, target: <target>"``).
     """
-    df = _one_preset(validate_summary(summary_df), preset)
-    df = df[df["target"] == target]
-    if df.empty:
-        raise ValueError(f"no summary rows with target {target!r}.")
-    table = best_and_default(df, default_damping)
-    ceiling = table[table["method"] == NOISE_CEILING_METHOD]
-    table = table[table["method"] != NOISE_CEILING_METHOD]
-    if methods is not None:
-        table = table[table["method"].isin(methods)]
-        order = {m: i for i, m in enumerate(methods)}
-        rank = [
-            (order[m], _substituted(me, target))
-            for m, me in zip(table["method"], table["measurement"], strict=True)
-        ]
-    else:
-        rank = [
-            (_method_rank(m)[0], _substituted(me, target), m)
-            for m, me in zip(table["method"], table["measurement"], strict=True)
-        ]
-    if table.empty:
-        raise ValueError(f"none of the methods {list(methods or [])} has rows for {target!r}.")
-    table = table.iloc[sorted(range(len(table)), key=lambda i: rank[i])].reset_index(drop=True)
-    labels = dict(labels or {})
-
-    n = len(table)
-    fig = Figure(figsize=(7.5, 0.9 + 0.45 * n))
-    ax = fig.add_subplot()
-    y = np.arange(n)[::-1]  # first row on top
-    finite = np.concatenate(
-        [
-            table["lds_best"].to_numpy() + np.nan_to_num(table["se_best"].to_numpy()),
-            table["lds_default"].to_numpy(),
-            ceiling["lds_best"].to_numpy(),
-            [0.0],
-        ]
+    fig = lds_bars_figure(
+        summary_df,
+        target=target,
+        default_damping=default_damping,
+        methods=methods,
+        labels=labels,
+        preset=preset,
+        title=title,
     )
-    finite = finite[np.isfinite(finite)] * 100
-    x_max = max(5.0, float(finite.max()) * 1.1)
-    x_min = min(0.0, float(finite.min()) * 1.1)
-
-    for yi, row in zip(y, table.itertuples(index=False), strict=True):
-        substituted = _substituted(row.measurement, target)
-        if row.status != "ok":
-            ax.text(
-                x_min,
-                yi,
-                f"  n/a ({row.status}: {_short(str(row.reason), 48)})",
-                va="center",
-                fontsize=8,
-                color="0.4",
-            )
-            continue
-        color = "0.25" if row.method == "retrain" else ("C1" if substituted else "C0")
-        ax.barh(
-            yi,
-            100 * row.lds_best,
-            xerr=100 * np.nan_to_num(row.se_best),
-            color=color,
-            hatch="//" if substituted else None,
-            edgecolor="white" if substituted else color,
-            height=0.65,
-            capsize=3,
-            error_kw={"elinewidth": 1},
-        )
-        show_default = np.isfinite(row.lds_default) and not (
-            row.damping_default == row.damping_best
-            or (np.isnan(row.damping_default) and np.isnan(row.damping_best))
-        )
-        if show_default:
-            ax.errorbar(
-                100 * row.lds_default,
-                yi,
-                xerr=100 * np.nan_to_num(row.se_default),
-                fmt="D",
-                mfc="white",
-                mec="black",
-                ecolor="0.5",
-                ms=6,
-                capsize=2,
-                zorder=3,
-            )
-        text = format_lds(row.lds_best, row.se_best)
-        if np.isfinite(row.lds_default) and row.method in default_damping:
-            text += f" ({100 * row.lds_default:.1f})"
-        ax.annotate(
-            text, xy=(1.01, yi), xycoords=("axes fraction", "data"), va="center", fontsize=8
-        )
-
-    for row in ceiling.itertuples(index=False):
-        if np.isfinite(row.lds_best):
-            c, se = 100 * row.lds_best, 100 * np.nan_to_num(row.se_best)
-            ax.axvline(c, color="0.3", ls="--", lw=1)
-            ax.axvspan(c - se, c + se, color="0.85", zorder=0)
-
-    ax.set_yticks(y)
-    ax.set_yticklabels(
-        [bar_label(r.method, r.measurement, target, labels) for r in table.itertuples()]
-    )
-    ax.set_xlim(x_min, x_max)
-    ax.set_ylim(-0.7, n - 0.3)
-    ax.axvline(0.0, color="black", lw=0.8)
-    ax.set_xlabel("Rank correlation % (LDS)")
-    ax.grid(axis="x", alpha=0.3)
-    handles = [Patch(color="C0", label="best damping")]
-    if (table["status"] == "ok").any() and table["method"].isin(list(default_damping)).any():
-        handles.append(ax.plot([], [], "D", mfc="white", mec="black", label="default damping")[0])
-    if any(_substituted(m, target) for m in table["measurement"]):
-        handles.append(
-            Patch(facecolor="C1", hatch="//", edgecolor="white", label="substituted measurement")
-        )
-    if not ceiling.empty:
-        handles.append(ax.plot([], [], ls="--", color="0.3", label="noise ceiling")[0])
-    ax.legend(
-        handles=handles,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.1 - 0.9 / (n + 2)),
-        ncol=len(handles),
-        fontsize=7,
-        frameon=False,
-    )
-    ax.set_title(title or f"LDS, target: {target}")
     return _save(fig, out_path)
 
 
@@ -312,7 +529,7 @@ def plot_hessian_ablation(
     out_path: str | Path,
     *,
     target: str = "loss",
-    default_damping: Mapping[str, float] = PAPER_DEFAULT_DAMPING,
+    default_damping: Mapping[str, float] | None = None,
     preset: str | None = None,
 ) -> Path:
     """Figure 4 style: LDS % of the K-FAC Hessian variants (:data:`HESSIAN_ABLATION_METHODS`)
@@ -332,60 +549,141 @@ def plot_hessian_ablation(
 # ---------------------------------------------------------------- damping sweep (Figs 7-10)
 
 
+def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's tidy frame: one row per ``ok`` summary row, with ``label`` (per target),
+    ``value``/``lo``/``hi`` (LDS % and ± s.e.) and ``swept`` (positive damping), sorted by
+    target, table order and damping."""
+    rows = df.copy()
+    rows["label"] = [
+        bar_label(m, me, t, {})
+        for m, me, t in zip(rows["method"], rows["measurement"], rows["target"], strict=True)
+    ]
+    rows["value"] = 100 * rows["lds_mean"]
+    se = 100 * np.nan_to_num(rows["lds_se"].to_numpy())
+    rows["lo"], rows["hi"] = rows["value"] - se, rows["value"] + se
+    rows["swept"] = np.isfinite(rows["damping"]) & (rows["damping"] > 0)
+    rows["rank"] = [
+        (method_sort_key(m), _substituted(me, t))
+        for m, me, t in zip(rows["method"], rows["measurement"], rows["target"], strict=True)
+    ]
+    rows = rows.sort_values(["rank", "damping"], kind="stable").drop(columns="rank")
+    return rows.reset_index(drop=True)
+
+
+def _series_colors(n: int) -> list[tuple[float, float, float]]:
+    """``n`` distinct line colours: tab10, then Dark2, then evenly spaced hues."""
+    colors = sns.color_palette("tab10") + sns.color_palette("Dark2")
+    return colors[:n] if n <= len(colors) else sns.color_palette("husl", n)
+
+
+def _band(data: pd.DataFrame, color: str, label: str | None = None, **_: object) -> None:
+    """FacetGrid map function: the ± s.e. band of one sweep line (``data`` sorted by damping)."""
+    plt.gca().fill_between(data["damping"], data["lo"], data["hi"], color=color, alpha=0.2, lw=0)
+
+
+def _finish_sweep_panel(
+    ax: Axes, panel: pd.DataFrame, palette: Mapping[str, object], defaults: Mapping[str, float]
+) -> None:
+    """Add to one sweep panel (one target's rows of :func:`_sweep_rows`) what the FacetGrid
+    does not draw: the methods without damping (dotted lines), the noise ceiling and the
+    default-damping diamonds; then the log damping axis."""
+    for label, rows in panel[~panel["swept"]].groupby("label", sort=False):
+        if label == NOISE_CEILING_LABEL:
+            for c in rows.itertuples(index=False):
+                _draw_noise_ceiling(ax, c.value, c.hi - c.value, vertical=False)
+        else:
+            ax.axhline(rows["value"].max(), color=palette[label], ls=":", label=label)
+    at_default = [
+        swept and m in defaults and bool(np.isclose(d, defaults[m], rtol=1e-9, atol=0.0))
+        for m, d, swept in zip(panel["method"], panel["damping"], panel["swept"], strict=True)
+    ]
+    marked = panel[np.array(at_default, dtype=bool)]
+    ax.plot(
+        marked["damping"],
+        marked["value"],
+        "D",
+        mfc="none",
+        mec="black",
+        ms=7,
+        zorder=4,
+        label="default damping",
+    )
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+
+
+def damping_sweep_figure(
+    summary_df: pd.DataFrame,
+    *,
+    preset: str | None = None,
+    targets: Sequence[str] | None = None,
+    default_damping: Mapping[str, float] | None = None,
+) -> Figure:
+    """The figure of :func:`plot_damping_sweep` (same arguments, no output path)."""
+    df = _one_preset(validate_summary(summary_df), preset)
+    df = df[(df["status"] == "ok") & df["lds_mean"].notna()]
+    df = df[~df["target"].str.startswith("timestep-loss:")]
+    if targets is not None:
+        df = df[df["target"].isin(targets)]
+    rows = _sweep_rows(df)
+    swept = rows[rows["swept"] & (rows["method"] != NOISE_CEILING_METHOD)]
+    if swept.empty:
+        raise ValueError("no 'ok' rows with a positive damping to sweep over.")
+    defaults = dict(default_dampings(df["method"]) if default_damping is None else default_damping)
+    panels = list(dict.fromkeys(swept["target"]))
+    series = [lab for lab in dict.fromkeys(rows["label"]) if lab != NOISE_CEILING_LABEL]
+    palette = dict(zip(series, _series_colors(len(series)), strict=True))
+
+    grid = sns.FacetGrid(
+        swept,
+        col="target",
+        col_order=panels,
+        hue="label",
+        hue_order=[s for s in series if s in set(swept["label"])],
+        palette=palette,
+        sharex=False,
+        sharey=False,
+        height=3.8,
+        aspect=1.3,
+    )
+    grid.map_dataframe(_band)
+    grid.map_dataframe(sns.lineplot, x="damping", y="value", marker="o", ms=4, errorbar=None)
+    for target, ax in grid.axes_dict.items():
+        _finish_sweep_panel(ax, rows[rows["target"] == target], palette, defaults)
+        ax.set_title(f"target: {target}")
+    grid.set_axis_labels("Damping factor", _LDS_AXIS_LABEL)
+    legend = {
+        lab: Line2D(
+            [],
+            [],
+            color=palette[lab],
+            **({"marker": "o", "ms": 4} if lab in set(swept["label"]) else {"ls": ":"}),
+        )
+        for lab in series
+    }
+    legend["default damping"] = Line2D([], [], marker="D", ls="", mfc="none", mec="black")
+    if (rows["label"] == NOISE_CEILING_LABEL).any():
+        legend.update(_ceiling_legend_entry())
+    grid.add_legend(legend_data=legend, label_order=list(legend), title="", fontsize=7)
+    return grid.figure
+
+
 def plot_damping_sweep(
     summary_df: pd.DataFrame,
     out_path: str | Path,
     *,
     preset: str | None = None,
     targets: Sequence[str] | None = None,
+    default_damping: Mapping[str, float] | None = None,
 ) -> Path:
-    """Figures 7-10 style: LDS % against damping (log x axis), one panel per target, one line
-    (± s.e. band) per (method, measurement); methods without damping are dotted horizontal
-    reference lines. Only ``ok`` rows are used."""
-    df = _one_preset(validate_summary(summary_df), preset)
-    df = df[(df["status"] == "ok") & df["lds_mean"].notna()]
-    df = df[~df["target"].str.startswith("timestep-loss:")]
-    if targets is not None:
-        df = df[df["target"].isin(targets)]
-    swept = df[np.isfinite(df["damping"]) & (df["damping"] > 0)]
-    if swept.empty:
-        raise ValueError("no 'ok' rows with a positive damping to sweep over.")
-    panel_targets = list(dict.fromkeys(swept["target"]))
-    all_keys = sorted(
-        {(m, me) for m, me in zip(df["method"], df["measurement"], strict=True)},
-        key=lambda k: (_method_rank(k[0]), k[1]),
+    """Figures 7-10 style: LDS % against damping (log x axis), a seaborn FacetGrid with one
+    panel per target and one line (± s.e. band) per (method, measurement); a hollow diamond
+    marks each method's default damping (``default_damping``, None: the registry's); methods
+    without damping are dotted horizontal reference lines, the noise ceiling a dashed line
+    with a ± s.e. band. Only ``ok`` rows are used."""
+    fig = damping_sweep_figure(
+        summary_df, preset=preset, targets=targets, default_damping=default_damping
     )
-    colors = {key: f"C{i % 10}" for i, key in enumerate(all_keys)}  # same colour in every panel
-    fig = Figure(figsize=(5.0 * len(panel_targets), 3.8))
-    axes = fig.subplots(1, len(panel_targets), squeeze=False)[0]
-    for ax, target in zip(axes, panel_targets, strict=True):
-        sub = df[df["target"] == target]
-        keys = sorted(
-            {(m, me) for m, me in zip(sub["method"], sub["measurement"], strict=True)},
-            key=lambda k: (_method_rank(k[0]), k[1]),
-        )
-        for method, measurement in keys:
-            rows = sub[(sub["method"] == method) & (sub["measurement"] == measurement)]
-            label = bar_label(method, measurement, target, {})
-            color = colors[(method, measurement)]
-            with_d = rows[np.isfinite(rows["damping"]) & (rows["damping"] > 0)]
-            with_d = with_d.sort_values("damping")
-            if len(with_d):
-                x = with_d["damping"].to_numpy()
-                m = 100 * with_d["lds_mean"].to_numpy()
-                se = 100 * np.nan_to_num(with_d["lds_se"].to_numpy())
-                ax.plot(x, m, "o-", color=color, label=label, ms=4)
-                ax.fill_between(x, m - se, m + se, color=color, alpha=0.2, lw=0)
-            else:
-                ax.axhline(100 * rows["lds_mean"].max(), color=color, ls=":", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("Damping factor")
-        ax.set_ylabel("Rank correlation % (LDS)")
-        ax.set_title(f"target: {target}")
-        ax.grid(alpha=0.3)
-        ax.legend(
-            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False
-        )
     return _save(fig, out_path)
 
 
@@ -417,57 +715,61 @@ def retrain_summary(retrain_df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame.from_records(records, columns=["method", "fraction", "mean", "se", "n"])
     if out.empty:
         return out
-    order = [(_method_rank(m), f) for m, f in zip(out["method"], out["fraction"], strict=True)]
+    order = [(method_sort_key(m), f) for m, f in zip(out["method"], out["fraction"], strict=True)]
     return out.iloc[sorted(range(len(out)), key=lambda i: order[i])].reset_index(drop=True)
 
 
-def plot_retrain_changes(retrain_df: pd.DataFrame, out_path: str | Path) -> Path:
-    """Figure 3 style: change in loss after retraining without the top influences; grouped
-    horizontal bars per method, one bar per removal fraction, error bars = s.e."""
+def retrain_figure(retrain_df: pd.DataFrame) -> Figure:
+    """The figure of :func:`plot_retrain_changes` (no output path)."""
     table = retrain_summary(retrain_df)
     if table.empty:
         raise ValueError("the retrain table has no rows.")
     methods = list(dict.fromkeys(table["method"]))
-    fractions = sorted(table["fraction"].unique())
-    n_f = len(fractions)
-    height = 0.8 / n_f
-    fig = Figure(figsize=(7.0, 1.0 + 0.35 * len(methods) * n_f))
+    label_of = dict(zip(methods, _unique([method_label(m) for m in methods], methods), strict=True))
+    bars = pd.DataFrame(
+        {
+            "label": [label_of[m] for m in table["method"]],
+            "removed": [f"{100 * f:g}% removed" for f in table["fraction"]],
+            "value": table["mean"],
+            "se": table["se"],
+        }
+    )
+    categories = list(dict.fromkeys(bars["label"]))
+    levels = [f"{100 * f:g}% removed" for f in sorted(table["fraction"].unique())]
+    fig = Figure(figsize=(7.0, 1.0 + 0.35 * len(categories) * len(levels)))
     ax = fig.add_subplot()
-    base = np.arange(len(methods))[::-1]
-    for i, fraction in enumerate(fractions):
-        sub = table[table["fraction"] == fraction].set_index("method")
-        present = [m for m in methods if m in sub.index]
-        y = np.array([base[methods.index(m)] for m in present]) + 0.4 - height * (i + 0.5)
-        ax.barh(
-            y,
-            sub.loc[present, "mean"],
-            xerr=np.nan_to_num(sub.loc[present, "se"]),
-            height=height * 0.9,
-            color=f"C{i}",
-            capsize=2,
-            label=f"{100 * fraction:g}% removed",
-        )
-    ax.set_yticks(base)
-    ax.set_yticklabels([DISPLAY_NAMES.get(m, m) for m in methods])
+    _bars_with_errors(
+        ax,
+        bars,
+        category="label",
+        hue="removed",
+        categories=categories,
+        hue_levels=levels,
+        horizontal=True,
+        palette=sns.color_palette("tab10", len(levels)),
+    )
     ax.axvline(0.0, color="black", lw=0.8)
     ax.set_xlabel("Change in loss after retraining (mean ± s.e. over queries)")
+    ax.set_ylabel("")
     ax.set_title("Retraining without top influences")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    ax.set_axisbelow(True)
+    sns.move_legend(ax, "best", title=None, fontsize=8)
+    return fig
+
+
+def plot_retrain_changes(retrain_df: pd.DataFrame, out_path: str | Path) -> Path:
+    """Figure 3 style: change in loss after retraining without the top influences; seaborn
+    bars grouped by method (table order), one bar per removal fraction, error bars = s.e."""
+    return _save(retrain_figure(retrain_df), out_path)
 
 
 # ---------------------------------------------------------------- Figure 6
 
 
-def plot_compression(compression_df: pd.DataFrame, out_path: str | Path) -> Path:
-    """Figure 6 style: a metric (LDS, or rank/Pearson correlation with the uncompressed scores)
-    per quantisation bit width, grouped bars per metric, error bars from an optional ``se``.
-
-    Args:
-        compression_df: columns ``bits`` (int; NaN = uncompressed, shown as "none"), ``metric``
-            (text), ``value`` (fraction), optional ``se``.
-    """
+def _compression_rows(compression_df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Figure 6's tidy frame (``bits`` as ``int<b>`` or ``none``, ``metric``, ``value`` and
+    ``se`` in percent) and the bit-width categories in axis order."""
     missing = [c for c in ("bits", "metric", "value") if c not in compression_df]
     if missing:
         raise ValueError(f"compression table is missing column(s) {missing}.")
@@ -478,40 +780,59 @@ def plot_compression(compression_df: pd.DataFrame, out_path: str | Path) -> Path
     if "se" not in df:
         df["se"] = np.nan
     bits = sorted(b for b in df["bits"].unique() if np.isfinite(b))
-    has_none = df["bits"].isna().any()
-    categories = [f"int{int(b)}" for b in bits] + (["none"] if has_none else [])
-    metrics = list(dict.fromkeys(df["metric"]))
-    width = 0.8 / len(metrics)
+    categories = [f"int{int(b)}" for b in bits] + (["none"] if df["bits"].isna().any() else [])
+    rows = pd.DataFrame(
+        {
+            "bits": ["none" if math.isnan(b) else f"int{int(b)}" for b in df["bits"]],
+            "metric": df["metric"].astype(str),
+            "value": 100 * df["value"].astype(float),
+            "se": 100 * pd.to_numeric(df["se"], errors="coerce").astype(float),
+        }
+    )
+    rows = rows.drop_duplicates(["bits", "metric"])  # the first value of a (bits, metric) pair
+    return rows.reset_index(drop=True), categories
+
+
+def compression_figure(compression_df: pd.DataFrame) -> Figure:
+    """The figure of :func:`plot_compression` (no output path)."""
+    rows, categories = _compression_rows(compression_df)
+    metrics = list(dict.fromkeys(rows["metric"]))
     fig = Figure(figsize=(1.5 + 1.1 * len(categories) * max(1, len(metrics) / 2), 3.6))
     ax = fig.add_subplot()
-    for i, metric in enumerate(metrics):
-        sub = df[df["metric"] == metric]
-        xs, ys, es = [], [], []
-        for j, b in enumerate([*bits, math.nan] if has_none else bits):
-            hit = sub[sub["bits"].isna()] if math.isnan(b) else sub[sub["bits"] == b]
-            if len(hit):
-                xs.append(j - 0.4 + width * (i + 0.5))
-                ys.append(100 * float(hit["value"].iloc[0]))
-                es.append(100 * float(np.nan_to_num(hit["se"].iloc[0])))
-        ax.bar(
-            xs,
-            ys,
-            yerr=es if any(e > 0 for e in es) else None,
-            width=width * 0.9,
-            color=f"C{i}",
-            capsize=2,
-            label=str(metric),
-        )
-    ax.set_xticks(range(len(categories)))
-    ax.set_xticklabels(categories)
+    if not (rows["se"].fillna(0) > 0).any():
+        rows["se"] = np.nan  # no error bars at all rather than zero-length ones
+    _bars_with_errors(
+        ax,
+        rows,
+        category="bits",
+        hue="metric",
+        categories=categories,
+        hue_levels=metrics,
+        horizontal=False,
+        palette=sns.color_palette("tab10", len(metrics)),
+    )
     ax.set_xlabel("Query-gradient quantisation")
-    lowest = 100 * float(df["value"].min())
+    lowest = float(rows["value"].min())
     ax.set_ylim(bottom=max(0.0, lowest - 10.0) if lowest > 0 else None)
     ax.set_ylabel("%")
     ax.set_title("Compression ablation")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, out_path)
+    ax.set_axisbelow(True)
+    sns.move_legend(ax, "best", title=None, fontsize=8)
+    return fig
+
+
+def plot_compression(compression_df: pd.DataFrame, out_path: str | Path) -> Path:
+    """Figure 6 style: a metric (LDS, or rank/Pearson correlation with the uncompressed scores)
+    per quantisation bit width, seaborn bars grouped by metric, error bars from an optional
+    ``se``.
+
+    Args:
+        compression_df: columns ``bits`` (int; NaN = uncompressed, shown as "none"), ``metric``
+            (text), ``value`` (fraction), optional ``se``.
+        out_path: PNG path to write.
+    """
+    return _save(compression_figure(compression_df), out_path)
 
 
 # ---------------------------------------------------------------- Figure 11
@@ -562,18 +883,14 @@ def timestep_matrix(
     return matrix
 
 
-def plot_timestep_heatmap(
+def timestep_heatmap_figure(
     summary_df: pd.DataFrame,
-    out_path: str | Path,
     *,
     method: str,
     damping: float | None = None,
     preset: str | None = None,
-) -> Path:
-    """Figure 11 style: heatmap of LDS % (annotated) of per-timestep loss measurements (rows)
-    against per-timestep targets (columns), from :func:`timestep_matrix`."""
-    import seaborn as sns  # heavy import, only when drawing
-
+) -> Figure:
+    """The figure of :func:`plot_timestep_heatmap` (same arguments, no output path)."""
     matrix = 100 * timestep_matrix(summary_df, method=method, damping=damping, preset=preset)
     fig = Figure(figsize=(1.5 + 0.7 * matrix.shape[1], 1.2 + 0.55 * matrix.shape[0]))
     ax = fig.add_subplot()
@@ -588,7 +905,21 @@ def plot_timestep_heatmap(
     )
     ax.set_xlabel("target: loss at timestep t")
     ax.set_ylabel("measurement: loss at timestep t")
-    ax.set_title(f"{DISPLAY_NAMES.get(method, method)}: per-timestep LDS")
+    ax.set_title(f"{method_label(method)}: per-timestep LDS")
+    return fig
+
+
+def plot_timestep_heatmap(
+    summary_df: pd.DataFrame,
+    out_path: str | Path,
+    *,
+    method: str,
+    damping: float | None = None,
+    preset: str | None = None,
+) -> Path:
+    """Figure 11 style: seaborn heatmap of LDS % (annotated) of per-timestep loss measurements
+    (rows) against per-timestep targets (columns), from :func:`timestep_matrix`."""
+    fig = timestep_heatmap_figure(summary_df, method=method, damping=damping, preset=preset)
     return _save(fig, out_path)
 
 
@@ -606,6 +937,29 @@ def correlations(values_a: np.ndarray, values_b: np.ndarray) -> tuple[float, flo
     return float(stats.pearsonr(a, b).statistic), float(stats.spearmanr(a, b).statistic)
 
 
+def model_correlation_figure(
+    values_a: np.ndarray,
+    values_b: np.ndarray,
+    *,
+    label_a: str = "model A",
+    label_b: str = "model B",
+    measurement: str = "elbo",
+) -> Figure:
+    """The figure of :func:`plot_model_correlation` (same arguments, no output path)."""
+    r, rho = correlations(values_a, values_b)
+    fig = Figure(figsize=(4.0, 4.0))
+    ax = fig.add_subplot()
+    sns.scatterplot(x=np.asarray(values_a), y=np.asarray(values_b), s=10, alpha=0.7, ax=ax)
+    lo = float(min(np.min(values_a), np.min(values_b)))
+    hi = float(max(np.max(values_a), np.max(values_b)))
+    ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel(f"{measurement}: {label_a}")
+    ax.set_ylabel(f"{measurement}: {label_b}")
+    ax.set_title(f"r = {r:.3f}, ρ = {rho:.3f}")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def plot_model_correlation(
     values_a: np.ndarray,
     values_b: np.ndarray,
@@ -616,18 +970,19 @@ def plot_model_correlation(
     measurement: str = "elbo",
 ) -> Path:
     """Figure 17 style: scatter of one measurement on the same queries (``[n_queries]`` each) as
-    measured by two separately trained models, with Pearson r and Spearman rho in the title."""
-    r, rho = correlations(values_a, values_b)
-    fig = Figure(figsize=(4.0, 4.0))
-    ax = fig.add_subplot()
-    ax.scatter(values_a, values_b, s=10, alpha=0.7)
-    lo = float(min(np.min(values_a), np.min(values_b)))
-    hi = float(max(np.max(values_a), np.max(values_b)))
-    ax.plot([lo, hi], [lo, hi], color="0.5", lw=0.8, ls="--")
-    ax.set_xlabel(f"{measurement}: {label_a}")
-    ax.set_ylabel(f"{measurement}: {label_b}")
-    ax.set_title(f"r = {r:.3f}, ρ = {rho:.3f}")
-    ax.grid(alpha=0.3)
+    measured by two separately trained models, with Pearson r and Spearman rho in the title.
+
+    Args:
+        values_a: ``[n_queries]`` measurements by the first model.
+        values_b: ``[n_queries]`` measurements by the second model.
+        out_path: PNG path to write.
+        label_a: name of the first model (x axis).
+        label_b: name of the second model (y axis).
+        measurement: name of the measurement (axis labels).
+    """
+    fig = model_correlation_figure(
+        values_a, values_b, label_a=label_a, label_b=label_b, measurement=measurement
+    )
     return _save(fig, out_path)
 
 
@@ -678,22 +1033,10 @@ def image_for_display(image: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
 
 
-def plot_influence_grid(
-    query_images: np.ndarray,
-    train_images: np.ndarray,
-    scores: np.ndarray,
-    out_path: str | Path,
-    *,
-    k: int = 5,
-) -> Path:
-    """Figure 1 style: each generated sample with its ``k`` top, most negative and most neutral
-    training images (:func:`select_influential`), the score under each image.
-
-    Args:
-        query_images: ``[Q, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3.
-        train_images: ``[N, C, H, W]`` in [-1, 1].
-        scores: ``[Q, N]`` (or ``[N]`` for one query) attribution scores.
-    """
+def influence_grid_figure(
+    query_images: np.ndarray, train_images: np.ndarray, scores: np.ndarray, *, k: int = 5
+) -> Figure:
+    """The figure of :func:`plot_influence_grid` (same arguments, no output path)."""
     queries = np.asarray(query_images)
     train = np.asarray(train_images)
     sc = np.asarray(scores, dtype=np.float64)
@@ -748,4 +1091,26 @@ def plot_influence_grid(
                 )
             if q == 0:
                 row[start + (k - 1) // 2].set_title(name, fontsize=8)
-    return _save(fig, out_path)
+    return fig
+
+
+def plot_influence_grid(
+    query_images: np.ndarray,
+    train_images: np.ndarray,
+    scores: np.ndarray,
+    out_path: str | Path,
+    *,
+    k: int = 5,
+) -> Path:
+    """Figure 1 style (a matplotlib image grid): each generated sample with its ``k`` top, most
+    negative and most neutral training images (:func:`select_influential`), the score under
+    each image.
+
+    Args:
+        query_images: ``[Q, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3.
+        train_images: ``[N, C, H, W]`` in [-1, 1].
+        scores: ``[Q, N]`` (or ``[N]`` for one query) attribution scores.
+        out_path: PNG path to write.
+        k: training images per group.
+    """
+    return _save(influence_grid_figure(query_images, train_images, scores, k=k), out_path)

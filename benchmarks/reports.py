@@ -33,8 +33,6 @@ import pandas as pd
 
 from benchmarks import plots
 from benchmarks.results import (
-    NOISE_CEILING_METHOD,
-    PAPER_DEFAULT_DAMPING,
     atomic_write_bytes,
     atomic_write_text,
     best_and_default,
@@ -42,6 +40,7 @@ from benchmarks.results import (
     load_results,
     validate_summary,
 )
+from methods.registry import REGISTRY, default_dampings
 
 __all__ = [
     "ReportConfig",
@@ -180,9 +179,11 @@ def summary_markdown(summary_df: pd.DataFrame) -> str:
 def lds_markdown(
     summary_df: pd.DataFrame, target: str, default_damping: Mapping[str, float]
 ) -> str:
-    """Figure 2's numbers as Markdown: ``best ± s.e. (default)`` per method for one target."""
+    """Figure 2's numbers as Markdown: ``best ± s.e. (default)`` per method for one target,
+    the noise ceiling first, then the methods in table order."""
     df = validate_summary(summary_df)
     table = best_and_default(df[df["target"] == target], default_damping)
+    table = plots.in_table_order(table, target)
     rows = []
     for r in table.itertuples(index=False):
         if r.status != "ok":
@@ -193,9 +194,7 @@ def lds_markdown(
                 value += " (—)" if math.isnan(r.lds_default) else f" ({100 * r.lds_default:.1f})"
         rows.append(
             {
-                "method": plots.bar_label(r.method, r.measurement, target, {})
-                if r.method != NOISE_CEILING_METHOD
-                else "noise ceiling",
+                "method": plots.bar_label(r.method, r.measurement, target, {}),
                 "measurement": r.measurement,
                 "LDS % best (default)": value,
                 "best damping": _damping_text(r.damping_best),
@@ -211,7 +210,7 @@ def retrain_markdown(retrain_df: pd.DataFrame) -> str:
     table = plots.retrain_summary(retrain_df)
     rows = pd.DataFrame(
         {
-            "method": [plots.DISPLAY_NAMES.get(m, m) for m in table["method"]],
+            "method": [plots.method_label(m) for m in table["method"]],
             "removed": [f"{100 * f:g}%" for f in table["fraction"]],
             "Δ loss mean ± s.e.": [
                 f"{m:.3g} ± {s:.2g}" if np.isfinite(s) else f"{m:.3g}"
@@ -229,10 +228,11 @@ def retrain_markdown(retrain_df: pd.DataFrame) -> str:
 def resolve_default_damping(
     summary_df: pd.DataFrame | None, overrides: Mapping[str, float] | None = None
 ) -> dict[str, float]:
-    """Default damping per method: :data:`PAPER_DEFAULT_DAMPING`, then a ``default_damping``
-    column of the summary table when present (first finite value per method), then
-    ``overrides`` (the ``--default-damping`` flags)."""
-    out = dict(PAPER_DEFAULT_DAMPING)
+    """Default damping per method: the registry's (each method's Config default, for the
+    methods of the summary table, or every registered one without a table), then a
+    ``default_damping`` column of the summary table when present (first finite value per
+    method), then ``overrides`` (the ``--default-damping`` flags)."""
+    out = default_dampings(None if summary_df is None else summary_df["method"])
     if summary_df is not None and "default_damping" in summary_df.columns:
         for method, group in summary_df.groupby("method"):
             values = pd.to_numeric(group["default_damping"], errors="coerce").dropna()
@@ -518,6 +518,12 @@ def _damping_pair(text: str) -> tuple[str, float]:
     return method, number
 
 
+def _builtin_default_dampings_text() -> str:
+    """``kfac=1e-08, ...``: the default damping of every built-in method that has one."""
+    builtins = [entry.name for entry in REGISTRY.ordered() if entry.origin == "builtin"]
+    return ", ".join(f"{name}={value:g}" for name, value in default_dampings(builtins).items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m benchmarks.reports``."""
     parser = argparse.ArgumentParser(
@@ -553,8 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD=VALUE",
         help="default damping of a method for the bracketed Figure 2 numbers (repeatable); "
-        "defaults: the summary's default_damping column, else the paper's "
-        + ", ".join(f"{m}={v:g}" for m, v in PAPER_DEFAULT_DAMPING.items()),
+        "defaults: the summary's default_damping column, else the method's own (its Config "
+        "default): " + _builtin_default_dampings_text(),
     )
     parser.add_argument(
         "--top-k",

@@ -50,11 +50,12 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.metrics import summarize
+from methods.registry import default_dampings
 
 __all__ = [
     "KEY_COLUMNS",
+    "NOISE_CEILING_LABEL",
     "NOISE_CEILING_METHOD",
-    "PAPER_DEFAULT_DAMPING",
     "PER_QUERY_COLUMNS",
     "STATUSES",
     "SUMMARY_COLUMNS",
@@ -99,16 +100,9 @@ STATUSES: tuple[str, ...] = ("ok", "unavailable", "failed")
 NOISE_CEILING_METHOD = "noise-ceiling"
 """``method`` value of rows holding :func:`benchmarks.metrics.noise_ceiling` summaries."""
 
-PAPER_DEFAULT_DAMPING: dict[str, float] = {
-    "kfac": 1e-8,
-    "kfac-reduce": 1e-8,
-    "kfac-empirical": 1e-8,
-    "kfac-empirical-reduce": 1e-8,
-    "trak": 1e-9,
-    "dtrak": 1e-9,
-}
-"""The paper's "default" damping per method (App. G.4): 1e-8 for K-FAC influence, the lowest
-numerically stable 1e-9 for TRAK-based methods (N-normalised convention)."""
+NOISE_CEILING_LABEL = "noise ceiling"
+"""Label of the :data:`NOISE_CEILING_METHOD` rows in tables and figures (it is not a registered
+method; the methods' labels are their registry display names)."""
 
 _GROUP_EXTRAS: tuple[str, ...] = ("preset", "dataset")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
@@ -462,15 +456,17 @@ def _group_columns(df: pd.DataFrame) -> list[str]:
 
 def best_and_default(
     summary_df: pd.DataFrame,
-    default_damping: Mapping[str, float],
+    default_damping: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Per method (and measurement, target, preset, dataset): the best- and default-damping rows.
 
     Figure 2 convention: the best damping's LDS is the headline number, the default damping's
     LDS is shown in brackets. ``best`` is the ``ok`` row with the highest ``lds_mean`` (first one
     on ties); ``default`` is the ``ok`` row whose damping equals ``default_damping[method]``
-    (relative tolerance 1e-9). A method without damping (all NaN) or without an entry in
-    ``default_damping`` has ``default`` = ``best`` only when it has a single row, else NaN.
+    (relative tolerance 1e-9; None: each registered method's default damping,
+    :func:`methods.registry.default_dampings`). A method without damping (all NaN) or without an
+    entry in ``default_damping`` has ``default`` = ``best`` only when it has a single row, else
+    NaN.
 
     Returns:
         One row per group, in first-appearance order, columns: the group columns, ``status``
@@ -479,6 +475,8 @@ def best_and_default(
         ``lds_default``, ``se_default``, ``n_default``.
     """
     df = validate_summary(summary_df)
+    if default_damping is None:
+        default_damping = default_dampings(df["method"])
     groups = _group_columns(df)
     records = []
     for key, group in df.groupby(groups, sort=False, dropna=False):

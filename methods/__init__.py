@@ -13,7 +13,9 @@ from methods.registry import (
     UnknownMethodError,
     available_methods,
     create_method,
+    default_dampings,
     get_method,
+    methods_in_table_order,
     register_method,
 )
 
@@ -28,6 +30,8 @@ __all__ = [
     "UnknownMethodError",
     "available_methods",
     "create_method",
+    "default_dampings",
     "get_method",
+    "methods_in_table_order",
     "register_method",
 ]

@@ -14,10 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)
     entries = REGISTRY.entries()
     width = max(len(name) for name in entries)
+    label_width = max(len(entry.display_name) for entry in entries.values()) + 2
     for name, entry in entries.items():
         variant = ", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())
         extra = f" [{variant}]" if variant else ""
-        print(f"{name:<{width}}  {entry.summary}{extra}  ({entry.origin})")
+        label = f'"{entry.display_name}"'
+        print(f"{name:<{width}}  {label:<{label_width}}  {entry.summary}{extra}  ({entry.origin})")
     return 0
 
 

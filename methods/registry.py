@@ -8,13 +8,17 @@ Three ways in, one namespace:
 
 A name may carry config defaults that make it a variant (``kfac-reduce`` is ``kfac`` with
 ``kfac_approx="reduce"``), so an ablation is a list of registry names.
+
+Each entry also holds what tables and figures show: its display name, its place in the table
+order (built-ins in the order of ``_BUILTINS``, every other registration after them, by name) and
+its default damping, read from the method's ``Config`` (never repeated by hand).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from importlib.metadata import entry_points
 from types import MappingProxyType
@@ -43,6 +47,10 @@ class MethodEntry:
         defaults: config field values that define this variant (overridable by the user).
         summary: one line for ``--list``.
         origin: ``"builtin"``, ``"decorator"`` or ``"entry-point (<distribution>)"``.
+        display_name: the label in tables and figures; empty: the class's ``display_name``
+            attribute when ``target`` is a class that declares one, else ``name``.
+        order: place in tables and figures; the registry numbers its built-ins by position,
+            None (every other registration) sorts after all of them, by name.
     """
 
     name: str
@@ -50,6 +58,27 @@ class MethodEntry:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
     origin: str = "builtin"
+    display_name: str = ""
+    order: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.display_name:
+            declared = getattr(self.target, "display_name", None)
+            label = declared if isinstance(declared, str) and declared else self.name
+            object.__setattr__(self, "display_name", label)
+
+    @property
+    def sort_key(self) -> tuple[bool, int, str]:
+        """Key of the table order: numbered entries by ``order``, then the others by name."""
+        return (self.order is None, 0 if self.order is None else self.order, self.name)
+
+    @property
+    def default_damping(self) -> float | None:
+        """The damping this name runs with unless told otherwise: the ``damping`` field of its
+        Config with ``defaults`` applied; None when the method has no damping option (imports
+        the method's module)."""
+        damping = getattr(self.config(), "damping", None)
+        return None if damping is None else float(damping)
 
     def load(self) -> type[AttributionMethod]:
         """The method class (imports its module if needed)."""
@@ -70,8 +99,8 @@ class MethodEntry:
             )
         return target
 
-    def build(self, **overrides: Any) -> AttributionMethod:
-        """An instance whose config is the class defaults, then ``defaults``, then ``overrides``."""
+    def config(self, **overrides: Any) -> Any:
+        """The config: the class defaults, then ``defaults``, then ``overrides``."""
         cls = self.load()
         known = {f.name for f in fields(cls.Config)}
         values = {**self.defaults, **overrides}
@@ -80,79 +109,109 @@ class MethodEntry:
             raise ValueError(
                 f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}"
             )
-        return cls(replace(cls.Config(), **values))
+        return replace(cls.Config(), **values)
+
+    def build(self, **overrides: Any) -> AttributionMethod:
+        """An instance whose config is the class defaults, then ``defaults``, then ``overrides``."""
+        return self.load()(self.config(**overrides))
 
 
-_BUILTINS: tuple[MethodEntry, ...] = (
+_BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC, the oracle
+    MethodEntry("random", "methods.baselines:RandomScores", {}, "seeded random scores"),
     MethodEntry(
-        "kfac",
-        "methods.kfac:KFACInfluence",
+        "pixel",
+        "methods.baselines:PixelCosine",
         {},
-        "K-FAC influence, GGN^model (MC-Fisher), K-FAC expand (the paper's method)",
+        "cosine similarity in pixel space",
+        display_name="pixel cosine",
     ),
     MethodEntry(
-        "kfac-reduce",
-        "methods.kfac:KFACInfluence",
-        {"kfac_approx": "reduce"},
-        "K-FAC influence, GGN^model, K-FAC reduce",
+        "clip",
+        "methods.clip:CLIPCosine",
+        {},
+        "CLIP embedding cosine similarity",
+        display_name="CLIP cosine",
     ),
     MethodEntry(
-        "kfac-empirical",
-        "methods.kfac:KFACInfluence",
-        {"hessian": "ggn-loss"},
-        "K-FAC influence, GGN^loss (empirical Fisher), K-FAC expand",
+        "trak", "methods.trak:TRAK", {}, "TRAK: projected gradients, GGN^loss", display_name="TRAK"
     ),
     MethodEntry(
-        "kfac-empirical-reduce",
-        "methods.kfac:KFACInfluence",
-        {"hessian": "ggn-loss", "kfac_approx": "reduce"},
-        "K-FAC influence, GGN^loss (empirical Fisher), K-FAC reduce",
-    ),
-    MethodEntry(
-        "kfac-mloss",
-        "methods.kfac:KFACInfluence",
-        {"measurement": "loss"},
-        "K-FAC influence with the loss as measurement whatever the target (m. loss)",
-    ),
-    MethodEntry(
-        "ekfac",
-        "methods.kfac:KFACInfluence",
-        {"curvature": "ekfac"},
-        "EK-FAC influence (eigenvalue-corrected K-FAC), GGN^model, expand",
+        "dtrak",
+        "methods.trak:TRAK",
+        {"output_function": "square-norm"},
+        "D-TRAK: TRAK with the square norm ||eps_theta||^2 substituted",
+        display_name="D-TRAK",
     ),
     MethodEntry(
         "grad-dot",
         "methods.kfac:KFACInfluence",
         {"curvature": "identity"},
         "gradient dot product (identity preconditioner)",
+        display_name="gradient dot product",
     ),
-    MethodEntry("trak", "methods.trak:TRAK", {}, "TRAK: projected gradients, GGN^loss"),
     MethodEntry(
-        "dtrak",
-        "methods.trak:TRAK",
-        {"output_function": "square-norm"},
-        "D-TRAK: TRAK with the square norm ||eps_theta||^2 substituted",
+        "kfac-empirical-reduce",
+        "methods.kfac:KFACInfluence",
+        {"hessian": "ggn-loss", "kfac_approx": "reduce"},
+        "K-FAC influence, GGN^loss (empirical Fisher), K-FAC reduce",
+        display_name="K-FAC influence (empirical, reduce)",
     ),
-    MethodEntry("clip", "methods.clip:CLIPCosine", {}, "CLIP embedding cosine similarity"),
-    MethodEntry("pixel", "methods.baselines:PixelCosine", {}, "cosine similarity in pixel space"),
-    MethodEntry("random", "methods.baselines:RandomScores", {}, "seeded random scores"),
+    MethodEntry(
+        "kfac-reduce",
+        "methods.kfac:KFACInfluence",
+        {"kfac_approx": "reduce"},
+        "K-FAC influence, GGN^model, K-FAC reduce",
+        display_name="K-FAC influence (reduce)",
+    ),
+    MethodEntry(
+        "kfac-empirical",
+        "methods.kfac:KFACInfluence",
+        {"hessian": "ggn-loss"},
+        "K-FAC influence, GGN^loss (empirical Fisher), K-FAC expand",
+        display_name="K-FAC influence (empirical)",
+    ),
+    MethodEntry(
+        "kfac",
+        "methods.kfac:KFACInfluence",
+        {},
+        "K-FAC influence, GGN^model (MC-Fisher), K-FAC expand (the paper's method)",
+        display_name="K-FAC influence",
+    ),
+    MethodEntry(
+        "kfac-mloss",
+        "methods.kfac:KFACInfluence",
+        {"measurement": "loss"},
+        "K-FAC influence with the loss as measurement whatever the target (m. loss)",
+        display_name="K-FAC influence (m. loss)",
+    ),
+    MethodEntry(
+        "ekfac",
+        "methods.kfac:KFACInfluence",
+        {"curvature": "ekfac"},
+        "EK-FAC influence (eigenvalue-corrected K-FAC), GGN^model, expand",
+        display_name="EK-FAC influence",
+    ),
     MethodEntry(
         "retrain",
         "methods.retrain:ExactRetraining",
         {},
         "exact retraining oracle (one model per subset, unseen seed)",
+        display_name="exact retraining",
     ),
 )
 
 
 class MethodRegistry:
-    """Name -> MethodEntry, with built-ins, decorator registrations and entry points."""
+    """Name -> MethodEntry, with built-ins, decorator registrations and entry points.
+
+    The built-ins given to the constructor are numbered by position (their ``order``).
+    """
 
     def __init__(self, builtins: tuple[MethodEntry, ...] = ()) -> None:
         self._entries: dict[str, MethodEntry] = {}
         self._entry_points_loaded = False
-        for entry in builtins:
-            self.add(entry)
+        for position, entry in enumerate(builtins):
+            self.add(replace(entry, order=position))
 
     def add(self, entry: MethodEntry) -> None:
         if not entry.name or entry.name != entry.name.strip() or " " in entry.name:
@@ -194,6 +253,15 @@ class MethodRegistry:
         self._load_entry_points()
         return MappingProxyType(dict(sorted(self._entries.items())))
 
+    def ordered(self) -> list[MethodEntry]:
+        """Every entry in table order (:attr:`MethodEntry.sort_key`)."""
+        self._load_entry_points()
+        return sorted(self._entries.values(), key=lambda entry: entry.sort_key)
+
+    def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
+        return name in self._entries
+
     def get(self, name: str) -> MethodEntry:
         self._load_entry_points()
         try:
@@ -211,15 +279,26 @@ class MethodRegistry:
 REGISTRY = MethodRegistry(_BUILTINS)
 
 
-def register_method(name: str, *, summary: str = "", **defaults: Any):
-    """Class decorator: ``@register_method("my-method")`` adds the class under ``name``."""
+def register_method(name: str, *, summary: str = "", display_name: str = "", **defaults: Any):
+    """Class decorator: ``@register_method("my-method")`` adds the class under ``name``.
+
+    ``display_name`` labels it in tables and figures (default: the class's ``display_name``
+    attribute if it declares one, else ``name``); ``defaults`` are config values of the variant.
+    """
 
     def decorator(cls: type[AttributionMethod]) -> type[AttributionMethod]:
         if not (isinstance(cls, type) and issubclass(cls, AttributionMethod)):
             raise TypeError(f"@register_method({name!r}) needs an AttributionMethod subclass")
         doc = (cls.__doc__ or "").strip().splitlines()
         REGISTRY.add(
-            MethodEntry(name, cls, defaults, summary or (doc[0] if doc else ""), "decorator")
+            MethodEntry(
+                name,
+                cls,
+                defaults,
+                summary or (doc[0] if doc else ""),
+                "decorator",
+                display_name=display_name,
+            )
         )
         return cls
 
@@ -239,3 +318,24 @@ def create_method(name: str, **overrides: Any) -> AttributionMethod:
 def available_methods() -> list[str]:
     """All registered names: built-ins, decorator registrations and installed plugins."""
     return REGISTRY.names()
+
+
+def methods_in_table_order() -> list[str]:
+    """All registered names in the order of tables and figures: built-ins as listed in the
+    registry, then every other registration by name."""
+    return [entry.name for entry in REGISTRY.ordered()]
+
+
+def default_dampings(names: Iterable[str] | None = None) -> dict[str, float]:
+    """Name -> default damping (:attr:`MethodEntry.default_damping`) of each of ``names``
+    (default: every registered method) that is registered and has a damping option; other
+    names (e.g. methods of stored results that are not installed here) are left out. Imports
+    the modules of those methods."""
+    wanted = methods_in_table_order() if names is None else list(dict.fromkeys(names))
+    out = {}
+    for name in wanted:
+        if name in REGISTRY:
+            damping = REGISTRY.get(name).default_damping
+            if damping is not None:
+                out[name] = damping
+    return out

@@ -17,7 +17,15 @@ from methods import (
     create_method,
     get_method,
 )
-from methods.registry import MethodEntry, MethodRegistry, register_method
+from methods.registry import (
+    _BUILTINS,
+    REGISTRY,
+    MethodEntry,
+    MethodRegistry,
+    default_dampings,
+    methods_in_table_order,
+    register_method,
+)
 
 
 def test_builtin_names_are_listed():
@@ -129,3 +137,77 @@ def test_cli_lists_methods():
         [sys.executable, "-m", "methods", "--list"], capture_output=True, text=True, check=True
     )
     assert "kfac-reduce" in out.stdout and "kfac_approx='reduce'" in out.stdout
+
+
+# ---------------------------------------------------------------- table metadata
+
+
+def test_every_builtin_has_a_display_name():
+    builtins = [entry for entry in REGISTRY.ordered() if entry.origin == "builtin"]
+    assert [entry.name for entry in builtins] == [entry.name for entry in _BUILTINS]
+    for entry in builtins:
+        assert isinstance(entry.display_name, str) and entry.display_name.strip()
+    labels = [entry.display_name for entry in builtins]
+    assert len(set(labels)) == len(labels)  # one label per row of a table
+    assert get_method("kfac").display_name == "K-FAC influence"
+    assert MethodEntry("x", _Constant).display_name == "x"  # default: the name
+
+
+def test_table_order_is_total_and_stable():
+    order = methods_in_table_order()
+    assert sorted(order) == available_methods()  # every name exactly once
+    assert order == methods_in_table_order()  # stable
+    assert order[: len(_BUILTINS)] == [entry.name for entry in _BUILTINS]  # built-ins first
+    positions = [get_method(name).order for name in order[: len(_BUILTINS)]]
+    assert positions == list(range(len(_BUILTINS)))
+    assert order.index("random") < order.index("trak") < order.index("kfac")
+    assert order[len(_BUILTINS) - 1] == "retrain"
+
+
+@pytest.mark.parametrize("name", ["kfac", "kfac-reduce", "ekfac", "grad-dot", "kfac-mloss", "trak"])
+def test_default_damping_is_the_configs(name):
+    entry = get_method(name)
+    cls = entry.load()
+    expected = cls.Config(**entry.defaults).damping
+    assert entry.default_damping == expected
+    assert default_dampings([name]) == {name: expected}
+
+
+def test_default_damping_values_and_methods_without_damping():
+    assert get_method("kfac").default_damping == 1e-8
+    assert get_method("ekfac").default_damping == 1e-8
+    assert get_method("grad-dot").default_damping == 1e-8
+    assert get_method("kfac-mloss").default_damping == 1e-8
+    assert get_method("trak").default_damping == 1e-9
+    assert get_method("dtrak").default_damping == 1e-9
+    assert get_method("random").default_damping is None
+    assert get_method("retrain").default_damping is None
+    dampings = default_dampings(["kfac", "random", "noise-ceiling", "not-installed"])
+    assert dampings == {"kfac": 1e-8}  # no damping or not registered: left out
+    variant = MethodEntry("c", _Constant, {"scale": 2.0})
+    assert variant.default_damping is None
+
+
+def test_registered_plugin_comes_after_builtins_with_its_name_as_label():
+    @register_method("test-late-plugin")
+    class Late(_Constant):
+        """A plugin."""
+
+    @register_method("aaa-test-labelled-plugin")
+    class Labelled(_Constant):
+        """A plugin declaring its label."""
+
+        display_name = "Labelled plugin"
+
+    try:
+        order = methods_in_table_order()
+        builtins = {entry.name for entry in _BUILTINS}
+        last_builtin = max(order.index(name) for name in builtins)
+        assert order.index("test-late-plugin") > last_builtin
+        assert order.index("aaa-test-labelled-plugin") > last_builtin
+        assert get_method("test-late-plugin").display_name == "test-late-plugin"
+        assert get_method("aaa-test-labelled-plugin").display_name == "Labelled plugin"
+        assert get_method("test-late-plugin").order is None
+    finally:
+        REGISTRY.remove("test-late-plugin")
+        REGISTRY.remove("aaa-test-labelled-plugin")
