@@ -10,17 +10,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.executors import TaskFailedError
+from benchmarks.store import CacheMismatchError, CorruptArtifactError
+from datasets import DatasetUnavailableError
+from methods import UnknownMethodError
+
 
 @contextmanager
 def usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Turn bad input into ``prog: error: <message>`` and exit status 2 (argparse's own
     convention); failed tasks exit with status 1 and name the failed keys. Work already done is
     in the artifact store either way, so the same command resumes after the fix."""
-    from benchmarks.executors import TaskFailedError
-    from benchmarks.store import CacheMismatchError, CorruptArtifactError
-    from datasets import DatasetUnavailableError
-    from methods import UnknownMethodError
-
     try:
         yield
     except (

@@ -32,7 +32,6 @@ The two never mix silently: an ensemble-trained model's spec carries ``"trainer"
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,9 +40,12 @@ import numpy as np
 import torch
 
 from benchmarks.executors import LocalExecutor, raise_failures
+from benchmarks.io import bytes_digest
 from benchmarks.pipeline import (
     QuerySet,
     derived_seed,
+    get_or_train,
+    load_model,
     load_train_set,
     log_training,
     measure_queries_many,
@@ -83,7 +85,7 @@ def subset_masks(n_train: int, setting: Setting) -> np.ndarray:
 def positions_digest(positions: torch.Tensor | np.ndarray) -> str:
     """A short hash of a sorted list of training positions (part of model keys)."""
     array = np.sort(np.asarray(positions, dtype=np.int64))
-    return hashlib.sha256(array.tobytes()).hexdigest()[:20]
+    return bytes_digest(array.tobytes())[:20]
 
 
 def model_spec(
@@ -112,12 +114,6 @@ def model_spec(
     return spec
 
 
-def _load_model(setting: Setting, store: ArtifactStore, spec: dict) -> UNet:
-    model = UNet(setting.unet)
-    model.load_state_dict(store.load_state_dict("model", spec))
-    return model.eval()
-
-
 def get_or_train_model(
     setting: Setting,
     store: ArtifactStore,
@@ -131,24 +127,33 @@ def get_or_train_model(
     progress: bool = False,
 ) -> UNet:
     """A model trained on ``train_images[positions]``: loaded when stored, else trained (and
-    stored when ``keep``)."""
+    stored when ``keep``); ``pipeline.get_or_train`` with :func:`model_spec`.
+
+    Args:
+        setting: its U-Net config, schedule and data fingerprint.
+        store: the artifact store.
+        train_images: ``# [n_train, C, H, W]`` the whole training set.
+        positions: ``# [n_kept]`` the positions trained on (any order).
+        seed: the training seed.
+        train_config: the training recipe.
+        device: where to train.
+        keep: store a trained model.
+        progress: show a progress bar.
+    """
+
+    def train() -> UNet:
+        return train_model(
+            train_images[torch.as_tensor(np.sort(positions))],
+            setting.unet,
+            train_config,
+            seed=seed,
+            schedule=setting.schedule,
+            device=device,
+            progress=progress,
+        )
+
     spec = model_spec(setting, positions, seed, train_config)
-    if store.exists("model", spec):
-        return _load_model(setting, store, spec)
-    start = time.perf_counter()
-    model = train_model(
-        train_images[torch.as_tensor(np.sort(positions))],
-        setting.unet,
-        train_config,
-        seed=seed,
-        schedule=setting.schedule,
-        device=device,
-        progress=progress,
-    )
-    if keep:
-        store.save_state_dict("model", spec, model.state_dict())
-    log_training(store, store.key("model", spec), time.perf_counter() - start)  # after the save
-    return model
+    return get_or_train(store, "model", spec, setting, train, keep=keep)
 
 
 def get_or_train_models(
@@ -177,7 +182,8 @@ def get_or_train_models(
         for positions, seed in members
     ]
     models: list[UNet | None] = [
-        _load_model(setting, store, spec) if store.exists("model", spec) else None for spec in specs
+        load_model(store, "model", spec, setting) if store.exists("model", spec) else None
+        for spec in specs
     ]
     by_size: dict[int, list[int]] = {}
     for i, model in enumerate(models):

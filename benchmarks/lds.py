@@ -16,9 +16,43 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 
-from benchmarks.cli import RunOptions, add_run_arguments
+from benchmarks.cli import (
+    RunOptions,
+    add_run_arguments,
+    parse_key_values,
+    run_label,
+    run_option_values,
+    usage_errors,
+)
+from benchmarks.executors import make_executor
+from benchmarks.groundtruth import GroundTruth, compute_ground_truth
+from benchmarks.metrics import (
+    lds_per_query,
+    noise_ceiling,
+    paired_difference,
+    predictions_from_scores,
+    summarize,
+)
+from benchmarks.pipeline import QuerySet, get_base_model, get_queries, load_train_set
+from benchmarks.provenance import StageLog
+from benchmarks.results import (
+    RunRecord,
+    format_table,
+    per_query_frame,
+    result_row,
+    save_influence_examples,
+    save_model_correlation,
+    write_results,
+)
+from benchmarks.runner import Experiment, MethodRun, build_method, prepare_run, run_method
+from benchmarks.settings import Setting
+from benchmarks.store import ArtifactStore
+from diffusion.measurements import parse_measurement
+from diffusion.unet import UNet
 
 DEFAULT_SWEEP = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1e1, 1e3)
 
@@ -76,13 +110,49 @@ class LDSResult:
         summary: one row per (method, measurement, target, damping); see benchmarks.results.
         per_query: per-query LDS (long table).
         paired: paired differences to the first method, per target.
-        files: written paths.
+        files: written paths (tables, the run record, figure inputs).
     """
 
     summary: pd.DataFrame
     per_query: pd.DataFrame
     paired: pd.DataFrame
     files: dict[str, Path]
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """What every cell of an LDS run shares (the output of :func:`prepare`).
+
+    Attributes:
+        setting: the resolved setting (preset and overrides).
+        experiment: the inputs every method sees (store, base model, data, queries, device).
+        truth: the ground truth: subset masks and the retrained models' measurements.
+        stages: timings of the run's stages so far (the run record's ``stages``).
+    """
+
+    setting: Setting
+    experiment: Experiment
+    truth: GroundTruth
+    stages: StageLog
+
+
+@dataclass
+class Cells:
+    """What evaluating the cells produced (the output of :func:`evaluate_cells`).
+
+    Attributes:
+        rows: summary rows (``benchmarks.results.result_row``), in evaluation order.
+        per_query: per-query LDS tables of the cells with an LDS.
+        lds: ``(method, target, damping) -> # [n_queries]`` LDS of the unquantised ok cells,
+            the pairs of :func:`paired_differences`.
+        influence_scores: method -> ``# [n_queries, n_train]`` scores of its first cell that
+            returned scores (Figure 1's input).
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    per_query: list[pd.DataFrame] = field(default_factory=list)
+    lds: dict[tuple[str, str, float | None], np.ndarray] = field(default_factory=dict)
+    influence_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 _BITS = {None: 32, "int16": 16, "int8": 8}
@@ -102,213 +172,304 @@ def _variants(config: LDSConfig, defaults: dict[str, Any]) -> list[dict[str, Any
 
 
 def run(config: LDSConfig) -> LDSResult:
-    """Run the LDS benchmark described by ``config``."""
+    """Run the LDS benchmark described by ``config``: prepare, evaluate every cell, pair the
+    methods, write the tables and the run record."""
+    run_name = run_label(config.methods)
+    prepared = prepare(config)
+    with prepared.stages.stage("cells"):
+        cells = evaluate_cells(config, prepared)
+    paired = paired_differences(cells.lds, config.methods[0])
+    summary = pd.DataFrame(cells.rows)
+    per_query = pd.concat(cells.per_query, ignore_index=True) if cells.per_query else pd.DataFrame()
+    files = write_run(config, prepared, cells, (summary, per_query, paired), run_name)
+    _print_report(summary, paired, config.methods[0], files["summary"])
+    return LDSResult(summary, per_query, paired, files)
 
-    from benchmarks.cli import run_label
-    from benchmarks.executors import make_executor
-    from benchmarks.groundtruth import compute_ground_truth
-    from benchmarks.metrics import (
-        lds_per_query,
-        noise_ceiling,
-        paired_difference,
-        predictions_from_scores,
-        summarize,
+
+# ---------------------------------------------------------------- stage 1: prepare
+
+
+def _measurement_names(config: LDSConfig) -> tuple[str, ...]:
+    return (*config.targets, *([config.measurement] if config.measurement else []))
+
+
+def _needs_trajectories(config: LDSConfig) -> bool:
+    return any(
+        parse_measurement(m)[0] == "trajectory-logprob"
+        for m in (*config.targets, config.measurement or "loss")
     )
-    from benchmarks.pipeline import get_base_model, get_queries, load_train_set
-    from benchmarks.provenance import StageLog, collect_provenance, write_result_json
-    from benchmarks.reports import save_influence_examples, save_model_correlation
-    from benchmarks.results import format_table, per_query_frame, result_row, write_results
-    from benchmarks.runner import Experiment, build_method, prepare_run, run_method
-    from benchmarks.store import ArtifactStore
-    from diffusion.measurements import parse_measurement
 
+
+def _get_queries(
+    config: LDSConfig, setting: Setting, store: ArtifactStore, model: UNet, device: torch.device
+) -> QuerySet:
+    """The queries, with trajectories when a measurement needs them (the plain set is stored
+    too: the ground truth reads it)."""
+    with_trajectories = _needs_trajectories(config)
+    queries = get_queries(
+        setting,
+        store,
+        model,
+        device=device,
+        progress=config.progress,
+        with_trajectories=with_trajectories,
+    )
+    if with_trajectories:
+        get_queries(setting, store, model, device=device, progress=False)
+    return queries
+
+
+def _ground_truth(
+    config: LDSConfig, setting: Setting, store: ArtifactStore, n_train: int, device: torch.device
+) -> GroundTruth:
+    executor = make_executor(
+        config.executor,
+        workers=config.workers,
+        ray_address=config.ray_address,
+        progress=config.progress,
+    )
+    return compute_ground_truth(
+        setting,
+        store,
+        config.targets,
+        n_train=n_train,
+        executor=executor,
+        data_dir=config.data_dir,
+        device=str(device),
+    )
+
+
+def prepare(config: LDSConfig) -> PreparedRun:
+    """Validate the input, then get (train or load) the data, the base model, the queries and
+    the ground truth, each a timed stage."""
     setting, device = prepare_run(
         config.preset,
         config.overrides,
-        (*config.targets, *([config.measurement] if config.measurement else [])),
+        _measurement_names(config),
         config.methods,
         config.device,
         config.threads,
     )
     store = ArtifactStore(Path(config.cache_dir))
     stages = StageLog()
-    needs_trajectories = any(
-        parse_measurement(m)[0] == "trajectory-logprob"
-        for m in (*config.targets, config.measurement or "loss")
-    )
-
     with stages.stage("data"):
         train_set = load_train_set(setting, config.data_dir)
     with stages.stage("base_model"):
         model = get_base_model(setting, store, train_set, device=device, progress=config.progress)
     with stages.stage("queries"):
-        queries = get_queries(
-            setting,
-            store,
-            model,
-            device=device,
-            progress=config.progress,
-            with_trajectories=needs_trajectories,
-        )
-        if needs_trajectories:  # ground truth reads the plain query set
-            get_queries(setting, store, model, device=device, progress=False)
+        queries = _get_queries(config, setting, store, model, device)
     with stages.stage("ground_truth"):
-        executor = make_executor(
-            config.executor,
-            workers=config.workers,
-            ray_address=config.ray_address,
-            progress=config.progress,
-        )
-        truth = compute_ground_truth(
-            setting,
-            store,
-            config.targets,
-            n_train=len(train_set),
-            executor=executor,
-            data_dir=config.data_dir,
-            device=str(device),
-        )
+        truth = _ground_truth(config, setting, store, len(train_set), device)
     experiment = Experiment(
         setting, store, model, train_set.images, queries, device, config.progress
     )
+    return PreparedRun(setting, experiment, truth, stages)
 
-    rows, per_query, lds_by_key = [], [], {}
-    run_name = run_label(config.methods)
-    figure1_written: set[str] = set()
-    if setting.n_seeds >= 2:  # Figure 17: one measurement by two models of the same subset
-        for target in config.targets:
-            save_model_correlation(
-                Path(config.out)
-                / "lds"
-                / setting.name
-                / f"{run_name}.{target}.model_correlation.npz",
-                truth.values[target][0, 0],
-                truth.values[target][1, 0],
-                label_a="subset 0, seed 0",
-                label_b="subset 0, seed 1",
-                measurement=target,
-            )
+
+# ---------------------------------------------------------------- stage 2: evaluate cells
+
+
+def evaluate_cells(config: LDSConfig, prepared: PreparedRun) -> Cells:
+    """Every cell of the table, per target: the noise ceiling (K >= 2), then each method with
+    each of its option variants (:func:`_variants`)."""
+    cells = Cells()
     for target in config.targets:
-        targets_mean = truth.mean_over_seeds(target)  # [n_subsets, n_queries]
-        if setting.n_seeds >= 2:
-            ceiling = noise_ceiling(truth.values[target])
-            rows.append(
-                result_row("noise-ceiling", target, target, None, ceiling, preset=setting.name)
-            )
-            per_query.append(
-                per_query_frame("noise-ceiling", target, target, None, ceiling, preset=setting.name)
-            )
+        if prepared.setting.n_seeds >= 2:
+            _add_noise_ceiling(cells, prepared, target)
         for name in config.methods:
             defaults = asdict(build_method(name, {}).config)
             for variant in _variants(config, defaults):
-                options = {**dict(setting.method_options), **config.options, **variant}
-                outcome = run_method(
-                    experiment,
-                    name,
-                    options,
-                    measurement=config.measurement or target,
-                    target=target,
-                    masks=truth.masks,
-                )
-                extra = {"default_damping": defaults.get("damping")}
-                if "quantize" in variant:
-                    extra["bits"] = _BITS[variant["quantize"]]
-                lds = None
-                if outcome.status == "ok":
-                    predictions = (
-                        outcome.predictions
-                        if outcome.scores is None
-                        else predictions_from_scores(outcome.scores, truth.masks)
-                    )
-                    lds = lds_per_query(predictions, targets_mean)
-                    per_query.append(
-                        per_query_frame(
-                            name,
-                            outcome.measurement,
-                            target,
-                            outcome.damping,
-                            lds,
-                            preset=setting.name,
-                            **extra,
-                        )
-                    )
-                    if "quantize" not in variant:
-                        lds_by_key[(name, target, outcome.damping)] = lds
-                    print(
-                        f"[{name}] {target}: LDS {summarize(lds).mean:.3f} "
-                        f"({outcome.seconds:.1f} s)",
-                        file=sys.stderr,
-                    )
-                else:
-                    print(f"[{name}] {outcome.status}: {outcome.reason}", file=sys.stderr)
-                rows.append(
-                    result_row(
-                        name,
-                        outcome.measurement,
-                        target,
-                        outcome.damping,
-                        lds,
-                        preset=setting.name,
-                        status=outcome.status,
-                        reason=outcome.reason,
-                        seconds=outcome.seconds,
-                        peak_memory_mb=outcome.peak_memory_mb,
-                        **extra,
-                    )
-                )
-                if outcome.scores is not None and name not in figure1_written:
-                    figure1_written.add(name)
-                    save_influence_examples(
-                        Path(config.out)
-                        / "lds"
-                        / setting.name
-                        / f"{run_name}.{name}.influence_examples.npz",
-                        queries.images.numpy(),
-                        train_set.images.numpy(),
-                        outcome.scores,
-                    )
+                _evaluate_cell(config, prepared, cells, name, target, variant, defaults)
+    return cells
 
-    paired_rows = []
-    for (name, target, damping), lds in lds_by_key.items():
-        reference = next(
-            (v for (n, t, _), v in lds_by_key.items() if n == config.methods[0] and t == target),
-            None,
+
+def _add_noise_ceiling(cells: Cells, prepared: PreparedRun, target: str) -> None:
+    preset = prepared.setting.name
+    ceiling = noise_ceiling(prepared.truth.values[target])
+    cells.rows.append(result_row("noise-ceiling", target, target, None, ceiling, preset=preset))
+    cells.per_query.append(
+        per_query_frame("noise-ceiling", target, target, None, ceiling, preset=preset)
+    )
+
+
+def _cell_lds(outcome: MethodRun, truth: GroundTruth, target: str) -> np.ndarray:
+    """``# [n_queries]`` LDS of an ok method run against the seed-averaged ``target``."""
+    predictions = (
+        outcome.predictions
+        if outcome.scores is None
+        else predictions_from_scores(outcome.scores, truth.masks)
+    )
+    return lds_per_query(predictions, truth.mean_over_seeds(target))
+
+
+def _evaluate_cell(
+    config: LDSConfig,
+    prepared: PreparedRun,
+    cells: Cells,
+    name: str,
+    target: str,
+    variant: dict[str, Any],
+    defaults: dict[str, Any],
+) -> None:
+    """Run method ``name`` with ``variant`` to predict ``target``; add its row (and per-query
+    LDS, paired-difference entry and Figure 1 scores) to ``cells``."""
+    preset = prepared.setting.name
+    options = {**dict(prepared.setting.method_options), **config.options, **variant}
+    outcome = run_method(
+        prepared.experiment,
+        name,
+        options,
+        measurement=config.measurement or target,
+        target=target,
+        masks=prepared.truth.masks,
+    )
+    extra = {"default_damping": defaults.get("damping")}
+    if "quantize" in variant:
+        extra["bits"] = _BITS[variant["quantize"]]
+    lds = None
+    if outcome.status == "ok":
+        lds = _cell_lds(outcome, prepared.truth, target)
+        cells.per_query.append(
+            per_query_frame(
+                name, outcome.measurement, target, outcome.damping, lds, preset=preset, **extra
+            )
         )
-        if reference is None or name == config.methods[0]:
+        if "quantize" not in variant:
+            cells.lds[(name, target, outcome.damping)] = lds
+        print(
+            f"[{name}] {target}: LDS {summarize(lds).mean:.3f} ({outcome.seconds:.1f} s)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"[{name}] {outcome.status}: {outcome.reason}", file=sys.stderr)
+    cells.rows.append(
+        result_row(
+            name,
+            outcome.measurement,
+            target,
+            outcome.damping,
+            lds,
+            preset=preset,
+            status=outcome.status,
+            reason=outcome.reason,
+            seconds=outcome.seconds,
+            peak_memory_mb=outcome.peak_memory_mb,
+            **extra,
+        )
+    )
+    if outcome.scores is not None:
+        cells.influence_scores.setdefault(name, outcome.scores)
+
+
+# ---------------------------------------------------------------- stage 3: paired differences
+
+
+def paired_differences(
+    lds: dict[tuple[str, str, float | None], np.ndarray], reference: str
+) -> pd.DataFrame:
+    """Per-query paired differences of each method's LDS to the ``reference`` method's.
+
+    Args:
+        lds: ``(method, target, damping) -> # [n_queries]`` LDS (:attr:`Cells.lds`).
+        reference: the reference method (its first entry per target is the reference).
+
+    Returns:
+        One row per (method, target, damping) other than the reference's, columns
+        ``method, reference, target, damping, diff_mean, diff_se``.
+    """
+    rows = []
+    for (name, target, damping), values in lds.items():
+        ref = next((v for (n, t, _), v in lds.items() if n == reference and t == target), None)
+        if ref is None or name == reference:
             continue
-        diff = paired_difference(lds, reference)
-        paired_rows.append(
+        diff = paired_difference(values, ref)
+        rows.append(
             {
                 "method": name,
-                "reference": config.methods[0],
+                "reference": reference,
                 "target": target,
                 "damping": damping,
                 "diff_mean": diff.mean,
                 "diff_se": diff.standard_error,
             }
         )
+    return pd.DataFrame(rows)
 
-    summary = pd.DataFrame(rows)
-    per_query_df = pd.concat(per_query, ignore_index=True) if per_query else pd.DataFrame()
-    paired = pd.DataFrame(paired_rows)
-    out_dir = Path(config.out) / "lds" / setting.name
-    provenance = {
-        **collect_provenance(),
-        "config": asdict(config),
-        "setting": setting.to_dict(),
-        "stages": stages.to_dict(),
-    }
-    files = write_results(out_dir, summary, per_query_df, provenance, run_name)
-    if not paired.empty:
-        files["paired"] = out_dir / f"{run_name}.paired.csv"
-        paired.to_csv(files["paired"], index=False)
-    write_result_json(out_dir / f"{run_name}.run.json", {"summary": rows}, config, stages=stages)
+
+# ---------------------------------------------------------------- stage 4: write
+
+
+def _write_figure_inputs(
+    out_dir: Path, run_name: str, prepared: PreparedRun, cells: Cells
+) -> dict[str, Path]:
+    """Figure 17's input (one measurement by two seeds of subset 0, when K >= 2) per target
+    and Figure 1's (queries, training set, scores) per method with scores."""
+    files = {}
+    truth, setting = prepared.truth, prepared.setting
+    if setting.n_seeds >= 2:
+        for target in truth.values:
+            files[f"model_correlation.{target}"] = save_model_correlation(
+                out_dir / f"{run_name}.{target}.model_correlation.npz",
+                truth.values[target][0, 0],
+                truth.values[target][1, 0],
+                label_a="subset 0, seed 0",
+                label_b="subset 0, seed 1",
+                measurement=target,
+            )
+    for name, scores in cells.influence_scores.items():
+        files[f"influence_examples.{name}"] = save_influence_examples(
+            out_dir / f"{run_name}.{name}.influence_examples.npz",
+            prepared.experiment.queries.images.numpy(),
+            prepared.experiment.train_images.numpy(),
+            scores,
+        )
+    return files
+
+
+def write_run(
+    config: LDSConfig,
+    prepared: PreparedRun,
+    cells: Cells,
+    tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    run_name: str,
+) -> dict[str, Path]:
+    """Write the figure inputs, the tables and the run record into
+    ``<out>/lds/<preset>/<run_name>.*``.
+
+    Args:
+        config: the run's config.
+        prepared: the output of :func:`prepare`.
+        cells: the output of :func:`evaluate_cells`.
+        tables: ``(summary, per_query, paired)``.
+        run_name: the file stem.
+
+    Returns:
+        key -> written path (see ``benchmarks.results.write_results``, plus the figure inputs).
+    """
+    out_dir = Path(config.out) / "lds" / prepared.setting.name
+    summary, per_query, paired = tables
+    figures = _write_figure_inputs(out_dir, run_name, prepared, cells)
+    record = RunRecord(config, setting=prepared.setting.to_dict(), stages=prepared.stages)
+    written = write_results(
+        out_dir,
+        summary,
+        per_query,
+        record,
+        run_name,
+        tables={"paired": paired} if not paired.empty else None,
+        files=figures,
+    )
+    return {**figures, **written}
+
+
+def _print_report(
+    summary: pd.DataFrame, paired: pd.DataFrame, reference: str, summary_path: Path
+) -> None:
     print(format_table(summary))
     if not paired.empty:
-        print("\nPaired differences of per-query LDS to", config.methods[0])
+        print("\nPaired differences of per-query LDS to", reference)
         print(paired.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"\nwrote {files['summary']}")
-    return LDSResult(summary, per_query_df, paired, files)
+    print(f"\nwrote {summary_path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,8 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LDSConfig:
-    from benchmarks.cli import parse_key_values, run_option_values
-
+    """The :class:`LDSConfig` of parsed command-line arguments."""
     return LDSConfig(
         methods=tuple(args.methods or ["kfac"]),
         preset=args.preset,
@@ -386,8 +546,6 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; exit status 2 for usage errors, with the fix in the message."""
-    from benchmarks.cli import usage_errors
-
     parser = build_parser()
     args = parser.parse_args(argv)
     with usage_errors(parser):

@@ -14,15 +14,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.cli import DEFAULT_CACHE_DIR
+from benchmarks import lds
+from benchmarks.cli import DEFAULT_CACHE_DIR, usage_errors
+from benchmarks.io import atomic_write_text
 from benchmarks.lds import LDSConfig
+from benchmarks.plots import method_label, plot_lds_bars
+from benchmarks.provenance import collect_provenance
+from benchmarks.results import NOISE_CEILING_LABEL, NOISE_CEILING_METHOD, format_lds
+from methods import available_methods
 
 
 def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -> str:
     """The ranked Markdown table: ok rows by LDS, then the unavailable/failed ones; methods are
     shown by their registry display name and registry name."""
-    from benchmarks.plots import method_label
-    from benchmarks.results import NOISE_CEILING_LABEL, NOISE_CEILING_METHOD, format_lds
 
     def name(method: str) -> str:
         label = method_label(method)
@@ -68,12 +72,18 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
 def run(
     preset: str, out: str, cache_dir: str, methods: tuple[str, ...] | None, progress: bool
 ) -> Path:
-    from benchmarks import lds
-    from benchmarks.plots import plot_lds_bars
-    from benchmarks.provenance import collect_provenance
-    from benchmarks.results import atomic_write_text
-    from methods import available_methods
+    """Run the LDS of ``methods`` on ``preset`` and write ``leaderboard.md`` and ``.png``.
 
+    Args:
+        preset: setting preset.
+        out: directory of the leaderboard (and of the LDS result tables).
+        cache_dir: artifact store.
+        methods: registry names; None = every registered method.
+        progress: show progress bars.
+
+    Returns:
+        the path of ``leaderboard.md``.
+    """
     names = tuple(methods or available_methods())
     result = lds.run(
         LDSConfig(methods=names, preset=preset, out=out, cache_dir=cache_dir, progress=progress)
@@ -92,8 +102,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cli import usage_errors
-
+    """CLI entry point; exit status 2 for usage errors."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.leaderboard",
         description=__doc__.split("\n\n")[0],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +71,47 @@ def load_train_set(setting: Setting, data_dir: str | Path | None = None) -> Imag
     return dataset
 
 
-def _load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> UNet:
+def load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> UNet:
+    """The stored model ``(kind, spec)``: a ``setting.unet`` U-Net on the CPU, in eval mode."""
     model = UNet(setting.unet)
     model.load_state_dict(store.load_state_dict(kind, spec))
     return model.eval()
+
+
+def get_or_train(
+    store: ArtifactStore,
+    kind: str,
+    spec: dict,
+    setting: Setting,
+    train: Callable[[], UNet],
+    *,
+    keep: bool = True,
+) -> UNet:
+    """The one get-or-train path of every model: loaded when ``(kind, spec)`` is stored, else
+    ``train()``, stored when ``keep``, and logged (:func:`log_training`, after the save).
+
+    Args:
+        store: the artifact store.
+        kind: artifact kind (``"base-model"``, ``"model"``).
+        spec: everything that determines the model.
+        setting: its U-Net config (to load a stored model).
+        train: trains the model (``diffusion.train``: float32, eval mode, on the CPU).
+        keep: store a trained model.
+
+    Returns:
+        the stored model as :func:`load_model` returns it, also right after training it (a
+        fresh module: no gradients left over from training, the same one whether or not it
+        was cached); the trained module itself when not ``keep``.
+    """
+    if not store.exists(kind, spec):
+        start = time.perf_counter()
+        model = train()
+        if not keep:
+            log_training(store, store.key(kind, spec), time.perf_counter() - start)
+            return model
+        store.save_state_dict(kind, spec, model.state_dict())
+        log_training(store, store.key(kind, spec), time.perf_counter() - start)
+    return load_model(store, kind, spec, setting)
 
 
 def base_model_spec(setting: Setting) -> dict:
@@ -90,10 +127,9 @@ def get_base_model(
     progress: bool = True,
 ) -> UNet:
     """The model trained on the full training set (trained once, then loaded)."""
-    spec = base_model_spec(setting)
-    if not store.exists("base-model", spec):
-        start = time.perf_counter()
-        model = train_model(
+
+    def train() -> UNet:
+        return train_model(
             train_set.images,
             setting.unet,
             setting.train,
@@ -102,9 +138,8 @@ def get_base_model(
             device=device,
             progress=progress,
         )
-        store.save_state_dict("base-model", spec, model.state_dict())
-        log_training(store, store.key("base-model", spec), time.perf_counter() - start)
-    return _load_model(store, "base-model", spec, setting)
+
+    return get_or_train(store, "base-model", base_model_spec(setting), setting, train)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from scipy import stats
 
+from benchmarks.io import atomic_write_bytes
 from benchmarks.metrics import summarize
 from benchmarks.results import (
     NOISE_CEILING_LABEL,
     NOISE_CEILING_METHOD,
-    atomic_write_bytes,
     best_and_default,
     format_lds,
     validate_summary,

@@ -5,14 +5,12 @@
 - :class:`StageTimer`: context manager measuring a stage's wall seconds and peak memory (host RSS
   sampled by a background thread; CUDA peak allocation when the stage uses CUDA).
 - :class:`StageLog`: the stages of one run, by name.
-- :func:`write_result_json`: one result file = config + result + stage timings + provenance,
-  written atomically.
+- :func:`stages_to_dict`: stage timings as the run record (``benchmarks.results``) stores them.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import socket
@@ -26,14 +24,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.store import atomic_write_bytes, to_jsonable
+import torch
+
+try:
+    import psutil
+except ImportError:  # pragma: no cover - psutil is a declared dependency
+    psutil = None
 
 __all__ = [
     "PACKAGES",
     "StageLog",
     "StageTimer",
     "collect_provenance",
-    "write_result_json",
+    "stages_to_dict",
 ]
 
 PACKAGES: dict[str, str] = {
@@ -74,8 +77,6 @@ def _package_version(distribution: str) -> str | None:
 
 
 def _device_info() -> dict[str, Any]:
-    import torch  # local: provenance of a CPU-only run still reports the CUDA state
-
     info: dict[str, Any] = {
         "cuda_available": bool(torch.cuda.is_available()),
         "cuda_version": torch.version.cuda,
@@ -104,8 +105,6 @@ def collect_provenance(repo_dir: str | Path | None = None) -> dict[str, Any]:
         threads), ``hostname``,
         ``timestamp`` (UTC ISO 8601) and ``argv``.
     """
-    import torch
-
     repo = Path(repo_dir) if repo_dir is not None else _REPO_DIR
     packages = {name: _package_version(dist) for name, dist in PACKAGES.items()}
     packages["torch"] = torch.__version__  # with the build tag (e.g. +cu130) the metadata lacks
@@ -136,18 +135,15 @@ def collect_provenance(repo_dir: str | Path | None = None) -> dict[str, Any]:
 
 def _rss_reader():
     """A function returning this process's resident set size in bytes."""
-    try:
-        import psutil
-
+    if psutil is not None:
         process = psutil.Process(os.getpid())
         return lambda: int(process.memory_info().rss)
-    except ImportError:  # pragma: no cover - psutil is a declared dependency
-        import resource
+    import resource  # pragma: no cover - deferred: Unix-only, needed only without psutil
 
-        scale = 1 if sys.platform == "darwin" else 1024
-        # ru_maxrss is the peak since process start (monotone): an underestimate of the
-        # stage's own peak when the process peaked higher earlier.
-        return lambda: int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+    scale = 1 if sys.platform == "darwin" else 1024
+    # ru_maxrss is the peak since process start (monotone): an underestimate of the stage's
+    # own peak when the process peaked higher earlier.
+    return lambda: int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 _CUDA_LOCK = threading.Lock()
@@ -169,9 +165,8 @@ class StageTimer:
 
     Args:
         name: the stage's name in result files.
-        device: the stage's device. None: CUDA is measured iff torch is imported and CUDA is
-            already initialised; ``"cpu"``: never; ``"cuda"``/``"cuda:1"``/a torch.device: that
-            device.
+        device: the stage's device. None: CUDA is measured iff CUDA is already initialised;
+            ``"cpu"``: never; ``"cuda"``/``"cuda:1"``/a torch.device: that device.
         sample_interval_s: RSS sampling period in seconds (> 0).
 
     Attributes (set on exit):
@@ -207,9 +202,6 @@ class StageTimer:
     # ---- CUDA ------------------------------------------------------------------------------
 
     def _resolve_cuda_device(self) -> Any:
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return None
         if self.device is None:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 return torch.device("cuda", torch.cuda.current_device())
@@ -223,7 +215,6 @@ class StageTimer:
         return torch.device("cuda", index)
 
     def _cuda_enter(self) -> None:
-        torch = sys.modules["torch"]
         dev = self._cuda_device
         torch.cuda.synchronize(dev)
         with _CUDA_LOCK:
@@ -236,7 +227,6 @@ class StageTimer:
             _ACTIVE_CUDA_TIMERS.append(self)
 
     def _cuda_exit(self) -> None:
-        torch = sys.modules["torch"]
         dev = self._cuda_device
         torch.cuda.synchronize(dev)
         with _CUDA_LOCK:
@@ -304,7 +294,7 @@ class StageLog:
     log = StageLog()
     with log.stage("train"):
         ...
-    write_result_json(path, result, config, stages=log)
+    write_run_record(path, RunRecord(config, stages=log.to_dict()))  # benchmarks.results
     """
 
     def __init__(self) -> None:
@@ -325,9 +315,15 @@ class StageLog:
         return {t.name: t.to_dict() for t in self.timers if t.seconds is not None}
 
 
-def _stages_dict(
+def stages_to_dict(
     stages: StageLog | Iterable[StageTimer] | Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
+    """Stage name -> timing dict (``seconds``, ``peak_memory_mb``, ...), in stage order.
+
+    Args:
+        stages: a :class:`StageLog`, finished :class:`StageTimer` s (names must be unique), or
+            a dict name -> timing dict.
+    """
     if isinstance(stages, StageLog):
         return stages.to_dict()
     if isinstance(stages, Mapping):
@@ -338,40 +334,3 @@ def _stages_dict(
             raise ValueError(f"two stages are named {timer.name!r}; stage names must be unique")
         out[timer.name] = timer.to_dict()
     return out
-
-
-def write_result_json(
-    path: str | Path,
-    payload: Any,
-    config: Any,
-    *,
-    stages: StageLog | Iterable[StageTimer] | Mapping[str, Mapping[str, Any]] = (),
-    provenance: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write one result file atomically: ``{"config", "result", "stages", "provenance"}``.
-
-    Args:
-        path: the JSON file to write (parent directories are created).
-        payload: the result (dicts, lists, numbers, numpy/torch values, dataclasses).
-        config: the run's configuration (e.g. a frozen dataclass; converted with its fields).
-        stages: stage timings: a :class:`StageLog`, finished :class:`StageTimer` s, or a dict
-            name -> timing dict.
-        provenance: default :func:`collect_provenance`.
-
-    Non-finite floats (e.g. an undefined correlation) are written as ``null`` so that strict
-    JSON readers can parse the file.
-
-    Returns:
-        ``path`` as a Path.
-    """
-    document = {
-        "config": to_jsonable(config, nonfinite="null"),
-        "result": to_jsonable(payload, nonfinite="null"),
-        "stages": to_jsonable(_stages_dict(stages), nonfinite="null"),
-        "provenance": to_jsonable(
-            dict(provenance) if provenance is not None else collect_provenance(),
-            nonfinite="null",
-        ),
-    }
-    text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    return atomic_write_bytes(path, text.encode())

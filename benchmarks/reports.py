@@ -5,14 +5,16 @@
 Reads stored result files only (never recomputes anything) and skips, with a printed note,
 every figure whose inputs are missing. Inputs looked for (recursively under ``--results``):
 
-- ``*.summary.csv`` (+ ``*.per_query.csv``, ``*.provenance.json``), written by
+- ``*.summary.csv`` (+ ``*.per_query.csv``, ``*.run.json``), written by
   :func:`benchmarks.results.write_results`: Figure 2 (LDS bars per target), Figure 4 (Hessian
   ablation), Figures 7-10 (damping sweeps), Figure 11 (per-timestep heatmap), Figure 6 from
   rows that carry a ``bits`` column, and the Markdown tables ``summary.md``/``lds_<target>.md``.
 - ``*.retrain.csv`` with columns ``method, fraction, query, delta_loss``: Figure 3.
 - ``*.compression.csv`` with columns ``bits, metric, value[, se]``: Figure 6.
-- ``*.model_correlation.npz`` written by :func:`save_model_correlation`: Figure 17.
-- ``*.influence_examples.npz`` written by :func:`save_influence_examples`: Figure 1.
+- ``*.model_correlation.npz`` written by
+  :func:`benchmarks.results.save_model_correlation`: Figure 17.
+- ``*.influence_examples.npz`` written by
+  :func:`benchmarks.results.save_influence_examples`: Figure 1.
 
 Outputs (in ``--out``): PNG figures, Markdown tables, and ``index.md`` listing what was built
 and what was skipped and why.
@@ -21,7 +23,6 @@ and what was skipped and why.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +33,12 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import plots
+from benchmarks.io import atomic_write_text
 from benchmarks.results import (
-    atomic_write_bytes,
-    atomic_write_text,
     best_and_default,
     format_lds,
+    load_influence_examples,
+    load_model_correlation,
     load_results,
     validate_summary,
 )
@@ -47,88 +49,12 @@ __all__ = [
     "ReportResult",
     "build_reports",
     "lds_markdown",
-    "load_influence_examples",
-    "load_model_correlation",
     "main",
     "markdown_table",
     "resolve_default_damping",
     "retrain_markdown",
-    "save_influence_examples",
-    "save_model_correlation",
     "summary_markdown",
 ]
-
-
-# ---------------------------------------------------------------- input files of other figures
-
-
-def _save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def save_model_correlation(
-    path: str | Path,
-    values_a: np.ndarray,
-    values_b: np.ndarray,
-    *,
-    label_a: str,
-    label_b: str,
-    measurement: str,
-) -> Path:
-    """Store the input of Figure 17: one measurement on the same queries (``[n_queries]`` each)
-    by two separately trained models. ``path`` should end in ``.model_correlation.npz``."""
-    a = np.asarray(values_a, dtype=np.float64)
-    b = np.asarray(values_b, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"values must be two [n_queries] arrays, got {a.shape} and {b.shape}.")
-    return _save_npz(
-        path,
-        a=a,
-        b=b,
-        label_a=np.str_(label_a),
-        label_b=np.str_(label_b),
-        measurement=np.str_(measurement),
-    )
-
-
-def load_model_correlation(path: str | Path) -> dict[str, object]:
-    """Read :func:`save_model_correlation`'s file: keys a, b, label_a, label_b, measurement."""
-    with np.load(path, allow_pickle=False) as data:
-        return {
-            "a": data["a"],
-            "b": data["b"],
-            "label_a": str(data["label_a"]),
-            "label_b": str(data["label_b"]),
-            "measurement": str(data["measurement"]),
-        }
-
-
-def save_influence_examples(
-    path: str | Path,
-    query_images: np.ndarray,
-    train_images: np.ndarray,
-    scores: np.ndarray,
-) -> Path:
-    """Store the input of Figure 1: ``query_images`` ``[Q, C, H, W]``, ``train_images``
-    ``[N, C, H, W]`` (both in [-1, 1]) and ``scores`` ``[Q, N]``. ``path`` should end in
-    ``.influence_examples.npz``."""
-    q = np.asarray(query_images, dtype=np.float32)
-    t = np.asarray(train_images, dtype=np.float32)
-    s = np.asarray(scores, dtype=np.float64)
-    if q.ndim != 4 or t.ndim != 4 or s.shape != (q.shape[0], t.shape[0]):
-        raise ValueError(
-            f"need query_images [Q, C, H, W], train_images [N, C, H, W], scores [Q, N]; got "
-            f"{q.shape}, {t.shape}, {s.shape}."
-        )
-    return _save_npz(path, query_images=q, train_images=t, scores=s)
-
-
-def load_influence_examples(path: str | Path) -> dict[str, np.ndarray]:
-    """Read :func:`save_influence_examples`'s file: keys query_images, train_images, scores."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in ("query_images", "train_images", "scores")}
 
 
 # ---------------------------------------------------------------- Markdown tables

@@ -1,16 +1,19 @@
-"""The result-table schema shared by every runner, and reading/writing/formatting it.
+"""The results layer: what every runner writes, and reading/formatting it.
 
-A run writes three files into its output directory (:func:`write_results`):
+An LDS run writes into its output directory (:func:`write_results`):
 
 - ``<name>.summary.csv``: one row per evaluated configuration, columns :data:`SUMMARY_COLUMNS`
   (plus any extra columns a runner wants, e.g. ``dataset``, ``bits``, ``n_mc_samples``);
 - ``<name>.per_query.csv``: the per-query LDS in long form, columns :data:`PER_QUERY_COLUMNS`
   (plus extras), so paired differences can be recomputed from stored files;
-- ``<name>.provenance.json``: the provenance dictionary (commit, versions, device, timings...).
+- ``<name>.paired.csv``: paired differences between methods (when there are any);
+- ``<name>.run.json``: the run's record (:class:`RunRecord`: config, setting, provenance,
+  stage timings, files), the one JSON schema of every runner (:func:`write_run_record`);
+- figure inputs: ``*.model_correlation.npz`` (:func:`save_model_correlation`, Figure 17) and
+  ``*.influence_examples.npz`` (:func:`save_influence_examples`, Figure 1).
 
-Every file is written atomically (temporary file in the same directory, then ``os.replace``),
-and the summary is written last, so a reader that finds ``<name>.summary.csv`` also finds the
-other two complete.
+Every file is written atomically (``benchmarks.io``), and the summary is written last, so a
+reader that finds ``<name>.summary.csv`` also finds the others complete.
 
 Columns of the summary table:
 
@@ -35,21 +38,22 @@ Columns of the summary table:
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from benchmarks.io import atomic_write_bytes, atomic_write_text, to_jsonable
 from benchmarks.metrics import summarize
+from benchmarks.provenance import collect_provenance, stages_to_dict
 from methods.registry import default_dampings
 
 __all__ = [
@@ -57,19 +61,25 @@ __all__ = [
     "NOISE_CEILING_LABEL",
     "NOISE_CEILING_METHOD",
     "PER_QUERY_COLUMNS",
+    "RUN_RECORD_SUFFIX",
     "STATUSES",
     "SUMMARY_COLUMNS",
-    "atomic_write_bytes",
-    "atomic_write_text",
+    "RunRecord",
     "best_and_default",
     "format_lds",
     "format_table",
+    "load_influence_examples",
+    "load_model_correlation",
     "load_results",
     "per_query_frame",
     "result_row",
+    "run_record_text",
+    "save_influence_examples",
+    "save_model_correlation",
     "validate_per_query",
     "validate_summary",
     "write_results",
+    "write_run_record",
 ]
 
 KEY_COLUMNS: tuple[str, ...] = ("method", "measurement", "target", "damping")
@@ -108,7 +118,8 @@ _GROUP_EXTRAS: tuple[str, ...] = ("preset", "dataset")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _SUMMARY_SUFFIX = ".summary.csv"
 _PER_QUERY_SUFFIX = ".per_query.csv"
-_PROVENANCE_SUFFIX = ".provenance.json"
+RUN_RECORD_SUFFIX = ".run.json"
+"""File suffix of every run's record (:class:`RunRecord`)."""
 
 
 # ---------------------------------------------------------------- building rows
@@ -241,78 +252,210 @@ def validate_per_query(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- writing and loading
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, then
-    ``os.replace``): readers see the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run records beside its tables: the one JSON record of every runner.
+
+    :func:`write_run_record` writes it as ``{"config", "setting", "provenance", "stages",
+    "files", "result"}`` into ``<name>.run.json`` (strict JSON: non-finite floats become
+    ``null``).
+
+    Attributes:
+        config: the runner's configuration (a dataclass, converted with its fields, or a dict).
+        setting: the benchmark setting (``Setting.to_dict()``), or None.
+        stages: seconds and peak memory of each stage: a ``benchmarks.provenance.StageLog``,
+            finished ``StageTimer`` s, or a dict stage name -> timing dict.
+        provenance: commit, package versions, device, ... (``collect_provenance()``); None:
+            collected when the record is written.
+        result: outcomes that the run's tables do not hold (e.g. failed tasks), or None.
+    """
+
+    config: Any
+    setting: Mapping[str, Any] | None = None
+    stages: Any = ()
+    provenance: Mapping[str, Any] | None = None
+    result: Any = None
+
+
+def _file_names(files: Mapping[str, str | Path], directory: Path) -> dict[str, str]:
+    """``files`` as paths relative to ``directory`` where they lie inside it."""
+    out = {}
+    for key, path in files.items():
+        path = Path(path)
+        out[key] = (
+            path.relative_to(directory).as_posix()
+            if path.is_relative_to(directory)
+            else path.as_posix()
+        )
+    return out
+
+
+def run_record_text(
+    record: RunRecord, files: Mapping[str, str | Path], directory: str | Path
+) -> str:
+    """The JSON text of ``record`` with the run's ``files`` (relative to ``directory``, the
+    record's own directory, where they lie inside it).
+
+    Raises:
+        TypeError: a value is not JSON-serialisable (the message says where).
+    """
+    provenance = record.provenance if record.provenance is not None else collect_provenance()
+    document = {
+        "config": record.config,
+        "setting": record.setting,
+        "provenance": dict(provenance),
+        "stages": stages_to_dict(record.stages),
+        "files": _file_names(files, Path(directory)),
+        "result": record.result,
+    }
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+        plain = to_jsonable(document, nonfinite="null")
+    except TypeError as error:
+        raise TypeError(
+            f"the run record is not JSON-serialisable: {error}; convert the value to "
+            "str/int/float/list/dict first."
+        ) from error
+    return json.dumps(plain, indent=2, allow_nan=False) + "\n"
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def write_run_record(
+    path: str | Path, record: RunRecord, files: Mapping[str, str | Path] | None = None
+) -> Path:
+    """Write a run's record (see :class:`RunRecord`) atomically to ``path``
+    (``<name>.run.json``); ``files``: key -> path of the files the run wrote."""
+    path = Path(path)
+    return atomic_write_text(path, run_record_text(record, files or {}, path.parent))
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(
-        f"provenance value of type {type(value).__name__} is not JSON-serialisable; convert it "
-        "to str/int/float/list/dict before calling write_results."
-    )
+def _check_run_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"result name {name!r} must start with a letter or digit and contain only letters, "
+            "digits and _ . + = - (no path separators)."
+        )
 
 
 def write_results(
     out_dir: str | Path,
     summary_df: pd.DataFrame,
     per_query_df: pd.DataFrame,
-    provenance: Mapping[str, Any],
+    record: RunRecord,
     name: str,
+    *,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    files: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Path]:
-    """Write a run's summary, per-query table and provenance atomically into ``out_dir``.
+    """Write an LDS run atomically into ``out_dir``: its tables and its record.
 
-    Files: ``<name>.per_query.csv``, ``<name>.provenance.json``, then ``<name>.summary.csv``
-    (last: its presence marks a complete run). An existing run of the same name is replaced.
+    Files: ``<name>.per_query.csv``, ``<name>.<key>.csv`` for each of ``tables``, the record
+    ``<name>.run.json`` (:func:`write_run_record`, listing every file of the run), then
+    ``<name>.summary.csv`` (last: its presence marks a complete run). An existing run of the
+    same name is replaced. Nothing is written when a table or the record is invalid.
+
+    Args:
+        out_dir: the run's directory.
+        summary_df: the summary table (:data:`SUMMARY_COLUMNS`).
+        per_query_df: the per-query table (:data:`PER_QUERY_COLUMNS`).
+        record: the run's record.
+        name: the run's file stem.
+        tables: further tables (e.g. ``{"paired": ...}``), written as CSV.
+        files: files the run already wrote (e.g. figure inputs), listed in the record.
 
     Returns:
-        ``{"summary": path, "per_query": path, "provenance": path}``.
+        ``{"per_query": path, <each key of tables>: path, "record": path, "summary": path}``.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(
-            f"result name {name!r} must start with a letter or digit and contain only letters, "
-            "digits and _ . + = - (no path separators)."
-        )
-    if not isinstance(provenance, Mapping):
-        raise ValueError(f"provenance must be a dict, got {type(provenance).__name__}.")
+    _check_run_name(name)
+    if not isinstance(record, RunRecord):
+        raise ValueError(f"record must be a RunRecord, got {type(record).__name__}.")
     summary = validate_summary(summary_df)
     per_query = validate_per_query(per_query_df)
-    provenance_text = json.dumps(dict(provenance), indent=2, sort_keys=True, default=_json_default)
     out_dir = Path(out_dir)
-    paths = {
-        "per_query": out_dir / f"{name}{_PER_QUERY_SUFFIX}",
-        "provenance": out_dir / f"{name}{_PROVENANCE_SUFFIX}",
-        "summary": out_dir / f"{name}{_SUMMARY_SUFFIX}",
-    }
+    paths = {"per_query": out_dir / f"{name}{_PER_QUERY_SUFFIX}"}
+    paths.update({key: out_dir / f"{name}.{key}.csv" for key in tables or {}})
+    paths["record"] = out_dir / f"{name}{RUN_RECORD_SUFFIX}"
+    paths["summary"] = out_dir / f"{name}{_SUMMARY_SUFFIX}"
+    record_text = run_record_text(record, {**(files or {}), **paths}, out_dir)
     atomic_write_text(paths["per_query"], per_query.to_csv(index=False, float_format="%.17g"))
-    atomic_write_text(paths["provenance"], provenance_text + "\n")
+    for key, table in (tables or {}).items():
+        atomic_write_text(paths[key], table.to_csv(index=False))
+    atomic_write_text(paths["record"], record_text)
     atomic_write_text(paths["summary"], summary.to_csv(index=False, float_format="%.17g"))
     return paths
+
+
+# ---------------------------------------------------------------- figure inputs
+
+
+def _save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def save_model_correlation(
+    path: str | Path,
+    values_a: np.ndarray,
+    values_b: np.ndarray,
+    *,
+    label_a: str,
+    label_b: str,
+    measurement: str,
+) -> Path:
+    """Store the input of Figure 17: one measurement on the same queries (``[n_queries]`` each)
+    by two separately trained models. ``path`` should end in ``.model_correlation.npz``."""
+    a = np.asarray(values_a, dtype=np.float64)
+    b = np.asarray(values_b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"values must be two [n_queries] arrays, got {a.shape} and {b.shape}.")
+    return _save_npz(
+        path,
+        a=a,
+        b=b,
+        label_a=np.str_(label_a),
+        label_b=np.str_(label_b),
+        measurement=np.str_(measurement),
+    )
+
+
+def load_model_correlation(path: str | Path) -> dict[str, object]:
+    """Read :func:`save_model_correlation`'s file: keys a, b, label_a, label_b, measurement."""
+    with np.load(path, allow_pickle=False) as data:
+        return {
+            "a": data["a"],
+            "b": data["b"],
+            "label_a": str(data["label_a"]),
+            "label_b": str(data["label_b"]),
+            "measurement": str(data["measurement"]),
+        }
+
+
+def save_influence_examples(
+    path: str | Path,
+    query_images: np.ndarray,
+    train_images: np.ndarray,
+    scores: np.ndarray,
+) -> Path:
+    """Store the input of Figure 1: ``query_images`` ``[Q, C, H, W]``, ``train_images``
+    ``[N, C, H, W]`` (both in [-1, 1]) and ``scores`` ``[Q, N]``. ``path`` should end in
+    ``.influence_examples.npz``."""
+    q = np.asarray(query_images, dtype=np.float32)
+    t = np.asarray(train_images, dtype=np.float32)
+    s = np.asarray(scores, dtype=np.float64)
+    if q.ndim != 4 or t.ndim != 4 or s.shape != (q.shape[0], t.shape[0]):
+        raise ValueError(
+            f"need query_images [Q, C, H, W], train_images [N, C, H, W], scores [Q, N]; got "
+            f"{q.shape}, {t.shape}, {s.shape}."
+        )
+    return _save_npz(path, query_images=q, train_images=t, scores=s)
+
+
+def load_influence_examples(path: str | Path) -> dict[str, np.ndarray]:
+    """Read :func:`save_influence_examples`'s file: keys query_images, train_images, scores."""
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in ("query_images", "train_images", "scores")}
+
+
+# ---------------------------------------------------------------- loading
 
 
 def _summary_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:

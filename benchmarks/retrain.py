@@ -13,21 +13,46 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from benchmarks.cli import RunOptions, add_run_arguments
+from benchmarks.cli import (
+    RunOptions,
+    add_run_arguments,
+    parse_key_values,
+    run_label,
+    run_option_values,
+    usage_errors,
+)
+from benchmarks.executors import TaskOutcome, make_executor, raise_failures
+from benchmarks.groundtruth import get_or_train_model
+from benchmarks.io import atomic_write_text
+from benchmarks.metrics import summarize
+from benchmarks.pipeline import (
+    QuerySet,
+    derived_seed,
+    get_base_model,
+    get_queries,
+    load_train_set,
+    measure_queries,
+    queries_spec,
+)
+from benchmarks.provenance import StageLog
+from benchmarks.results import RUN_RECORD_SUFFIX, RunRecord, write_run_record
+from benchmarks.runner import Experiment, prepare_run, run_method
+from benchmarks.settings import Setting
+from benchmarks.store import ArtifactStore
 
 RANDOM_REMOVAL = "random-removal"
 
 
 @dataclass(frozen=True)
-class RetrainConfig(RunOptions):
+class RetrainBenchmarkConfig(RunOptions):
     """What a retraining-without-top-influences run does.
 
     Attributes:
@@ -82,12 +107,6 @@ class RetrainTask:
 
 def run_retrain_task(task: RetrainTask) -> float:
     """Train (or load) the model without the removed examples; its measurement of the query."""
-    import torch
-
-    from benchmarks.groundtruth import get_or_train_model
-    from benchmarks.pipeline import QuerySet, load_train_set, measure_queries, queries_spec
-    from benchmarks.store import ArtifactStore
-
     setting, store = task.setting, ArtifactStore(task.store_root)
     train_set = load_train_set(setting, task.data_dir)
     model = get_or_train_model(
@@ -124,24 +143,89 @@ def top_removal(scores_row: np.ndarray, n_remove: int) -> np.ndarray:
     return np.sort(order[n_remove:])
 
 
-def run(config: RetrainConfig) -> pd.DataFrame:
-    """Run the benchmark; returns the long table (method, fraction, query, delta_loss)."""
+@dataclass(frozen=True)
+class PreparedRetrain:
+    """What every cell of a retraining run shares (the output of :func:`prepare`).
 
-    from benchmarks.cli import run_label
-    from benchmarks.executors import make_executor, raise_failures
-    from benchmarks.metrics import summarize
-    from benchmarks.pipeline import (
-        derived_seed,
-        get_base_model,
-        get_queries,
-        load_train_set,
-        measure_queries,
-    )
-    from benchmarks.provenance import collect_provenance
-    from benchmarks.results import atomic_write_text
-    from benchmarks.runner import Experiment, prepare_run, run_method
-    from benchmarks.store import ArtifactStore
+    Attributes:
+        setting: the resolved setting (preset and overrides).
+        experiment: the inputs every method sees (store, base model, data, queries, device).
+        fractions: the removed fractions.
+        base_values: ``# [n_retrain_queries]`` the base model's measurement of each query.
+        stages: timings of the run's stages so far (the run record's ``stages``).
+    """
 
+    setting: Setting
+    experiment: Experiment
+    fractions: tuple[float, ...]
+    base_values: np.ndarray
+    stages: StageLog
+
+    @property
+    def n_train(self) -> int:
+        return int(self.experiment.train_images.shape[0])
+
+    def n_removed(self, fraction: float) -> int:
+        """How many examples a removal of ``fraction`` removes (at least one)."""
+        return max(1, round(fraction * self.n_train))
+
+
+@dataclass(frozen=True)
+class RemovalPlan:
+    """One cell: retrain without some examples, chosen for one query.
+
+    Attributes:
+        method: the method whose top influences are removed, or :data:`RANDOM_REMOVAL`.
+        fraction: the removed fraction.
+        query: the query index.
+        kept: ``# [n_kept]`` sorted training positions kept.
+    """
+
+    method: str
+    fraction: float
+    query: int
+    kept: np.ndarray
+
+    @property
+    def key(self) -> str:
+        return f"{self.method},fraction={self.fraction},query={self.query}"
+
+
+def run(config: RetrainBenchmarkConfig) -> pd.DataFrame:
+    """Run the benchmark: prepare, plan the removals of every method (and random ones),
+    retrain every cell, summarise, write the table and the run record.
+
+    Returns:
+        the long table, one row per finished cell: ``method, fraction, query, measurement,
+        base, retrained, delta_loss``.
+    """
+    run_name = run_label(config.methods)
+    prepared = prepare(config)
+    with prepared.stages.stage("methods"):
+        plans, failed_methods = plan_removals(config, prepared)
+    with prepared.stages.stage("retraining"):
+        outcomes = retrain_cells(config, prepared, plans)
+    table = cell_table(config.measurement, prepared.base_values, plans, outcomes)
+    summary = summarize_cells(table)
+    result = {
+        "summary": summary.to_dict("records"),
+        "failed_methods": failed_methods,
+        "failed_tasks": [o.key for o in outcomes if not o.ok],
+    }
+    path = write_run(config, prepared, table, result, run_name)
+    if not summary.empty:
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+    print(f"\nwrote {path}")
+    raise_failures(outcomes)
+    return table
+
+
+# ---------------------------------------------------------------- stage 1: prepare
+
+
+def prepare(config: RetrainBenchmarkConfig) -> PreparedRetrain:
+    """Validate the input, then get the data, the base model, the queries and the base model's
+    measurement of the first ``n_retrain_queries`` queries, each a timed stage."""
     setting, device = prepare_run(
         config.preset,
         config.overrides,
@@ -150,114 +234,192 @@ def run(config: RetrainConfig) -> pd.DataFrame:
         config.device,
         config.threads,
     )
-    fractions = tuple(config.fractions or setting.retrain_fractions)
     store = ArtifactStore(Path(config.cache_dir))
-    started = time.perf_counter()
-
-    train_set = load_train_set(setting, config.data_dir)
-    n_train = len(train_set)
-    model = get_base_model(setting, store, train_set, device=device, progress=config.progress)
-    queries = get_queries(setting, store, model, device=device, progress=config.progress)
-    n_q = setting.n_retrain_queries
-    base_values = measure_queries(
-        model, setting, queries, config.measurement, n_samples=setting.gt_mc_samples, device=device
-    )[:n_q]
+    stages = StageLog()
+    with stages.stage("data"):
+        train_set = load_train_set(setting, config.data_dir)
+    with stages.stage("base_model"):
+        model = get_base_model(setting, store, train_set, device=device, progress=config.progress)
+    with stages.stage("queries"):
+        queries = get_queries(setting, store, model, device=device, progress=config.progress)
+    with stages.stage("base_measurement"):
+        base_values = measure_queries(
+            model,
+            setting,
+            queries,
+            config.measurement,
+            n_samples=setting.gt_mc_samples,
+            device=device,
+        )[: setting.n_retrain_queries]
     experiment = Experiment(
         setting, store, model, train_set.images, queries, device, config.progress
     )
+    fractions = tuple(config.fractions or setting.retrain_fractions)
+    return PreparedRetrain(setting, experiment, fractions, base_values, stages)
 
-    plans: list[tuple[str, float, int, np.ndarray]] = []  # (method, fraction, query, kept)
-    failures: dict[str, str] = {}
+
+# ---------------------------------------------------------------- stage 2: evaluate cells
+
+
+def plan_removals(
+    config: RetrainBenchmarkConfig, prepared: PreparedRetrain
+) -> tuple[list[RemovalPlan], dict[str, str]]:
+    """Every cell to retrain: each method's top influences per (fraction, query), then the
+    random removals of the same sizes.
+
+    Returns:
+        ``(plans, failed_methods)``: the cells, and method -> why it gave no scores.
+    """
+    plans: list[RemovalPlan] = []
+    failed: dict[str, str] = {}
     for name in config.methods:
-        outcome = run_method(
-            experiment,
-            name,
-            {**dict(setting.method_options), **config.options},
-            measurement=config.measurement,
-            target=config.measurement,
-        )
-        if outcome.status != "ok" or outcome.scores is None:
-            failures[name] = outcome.reason or "no per-example scores"
-            print(f"[{name}] {outcome.status}: {failures[name]}", file=sys.stderr)
+        scores, why = _method_scores(config, prepared, name)
+        if scores is None:
+            failed[name] = why
             continue
-        for fraction in fractions:
-            n_remove = max(1, round(fraction * n_train))
-            for q in range(n_q):
-                plans.append((name, fraction, q, top_removal(outcome.scores[q], n_remove)))
-    rng = np.random.default_rng(derived_seed(setting.seed, "random-removal"))
-    for fraction in fractions:
-        n_remove = max(1, round(fraction * n_train))
-        for q in range(n_q):
-            plans.append(
-                (RANDOM_REMOVAL, fraction, q, np.sort(rng.permutation(n_train)[n_remove:]))
-            )
+        plans += [
+            RemovalPlan(name, f, q, top_removal(scores[q], prepared.n_removed(f)))
+            for f in prepared.fractions
+            for q in range(prepared.setting.n_retrain_queries)
+        ]
+    return plans + _random_plans(prepared), failed
 
+
+def _method_scores(
+    config: RetrainBenchmarkConfig, prepared: PreparedRetrain, name: str
+) -> tuple[np.ndarray | None, str]:
+    """``(# [n_queries, n_train] scores, "")`` of method ``name``, or ``(None, why not)``."""
+    outcome = run_method(
+        prepared.experiment,
+        name,
+        {**dict(prepared.setting.method_options), **config.options},
+        measurement=config.measurement,
+        target=config.measurement,
+    )
+    if outcome.status == "ok" and outcome.scores is not None:
+        return outcome.scores, ""
+    why = outcome.reason or "no per-example scores"
+    print(f"[{name}] {outcome.status}: {why}", file=sys.stderr)
+    return None, why
+
+
+def _random_plans(prepared: PreparedRetrain) -> list[RemovalPlan]:
+    """Uniformly random removals, one per (fraction, query), from the setting's seed."""
+    rng = np.random.default_rng(derived_seed(prepared.setting.seed, "random-removal"))
+    n_train = prepared.n_train
+    return [
+        RemovalPlan(
+            RANDOM_REMOVAL, f, q, np.sort(rng.permutation(n_train)[prepared.n_removed(f) :])
+        )
+        for f in prepared.fractions
+        for q in range(prepared.setting.n_retrain_queries)
+    ]
+
+
+def retrain_cells(
+    config: RetrainBenchmarkConfig, prepared: PreparedRetrain, plans: list[RemovalPlan]
+) -> list[TaskOutcome]:
+    """Retrain and measure every planned cell on the configured executor (in plan order)."""
+    store, device = prepared.experiment.store, prepared.experiment.device
     tasks = [
         RetrainTask(
-            setting,
+            prepared.setting,
             str(store.root),
             config.data_dir,
-            tuple(int(i) for i in kept),
-            q,
+            tuple(int(i) for i in plan.kept),
+            plan.query,
             config.measurement,
             str(device),
         )
-        for _, _, q, kept in plans
+        for plan in plans
     ]
-    keys = [f"{m},fraction={f},query={q}" for m, f, q, _ in plans]
     executor = make_executor(
         config.executor,
         workers=config.workers,
         ray_address=config.ray_address,
         progress=config.progress,
     )
-    outcomes = executor.map(run_retrain_task, tasks, keys, desc="retraining without top")
+    return executor.map(
+        run_retrain_task, tasks, [p.key for p in plans], desc="retraining without top"
+    )
+
+
+def cell_table(
+    measurement: str,
+    base_values: np.ndarray,
+    plans: list[RemovalPlan],
+    outcomes: list[TaskOutcome],
+) -> pd.DataFrame:
+    """The long table of the finished cells: ``method, fraction, query, measurement, base,
+    retrained, delta_loss`` (``delta_loss = retrained - base``).
+
+    Args:
+        measurement: the measurement's name.
+        base_values: ``# [n_retrain_queries]`` the base model's measurements.
+        plans: the cells.
+        outcomes: their outcomes, in the same order.
+    """
     rows = [
         {
-            "method": m,
-            "fraction": f,
-            "query": q,
-            "measurement": config.measurement,
-            "base": base_values[q],
-            "retrained": o.value,
-            "delta_loss": o.value - base_values[q],
+            "method": plan.method,
+            "fraction": plan.fraction,
+            "query": plan.query,
+            "measurement": measurement,
+            "base": base_values[plan.query],
+            "retrained": outcome.value,
+            "delta_loss": outcome.value - base_values[plan.query],
         }
-        for (m, f, q, _), o in zip(plans, outcomes, strict=True)
-        if o.ok
+        for plan, outcome in zip(plans, outcomes, strict=True)
+        if outcome.ok
     ]
-    table = pd.DataFrame(rows)
-    summary = (
-        (
-            table.groupby(["method", "fraction"])["delta_loss"]
-            .apply(lambda v: pd.Series(summarize(v.to_numpy())._asdict()))
-            .unstack()
-            .reset_index()
-        )
-        if not table.empty
-        else pd.DataFrame()
-    )
-    out_dir = Path(config.out) / "retrain" / setting.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_name = run_label(config.methods)
-    atomic_write_text(out_dir / f"{run_name}.retrain.csv", table.to_csv(index=False))
-    from benchmarks.provenance import write_result_json
+    return pd.DataFrame(rows)
 
-    write_result_json(
-        out_dir / f"{run_name}.provenance.json",
-        {
-            "summary": summary.to_dict("records"),
-            "failed_methods": failures,
-            "failed_tasks": [o.key for o in outcomes if not o.ok],
-            "seconds": time.perf_counter() - started,
-        },
-        {**asdict(config), "setting": setting.to_dict()},
-        provenance=collect_provenance(),
+
+# ---------------------------------------------------------------- stage 3: summarise
+
+
+def summarize_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard error and count of ``delta_loss`` over queries, per (method, fraction)."""
+    if table.empty:
+        return pd.DataFrame()
+    return (
+        table.groupby(["method", "fraction"])["delta_loss"]
+        .apply(lambda v: pd.Series(summarize(v.to_numpy())._asdict()))
+        .unstack()
+        .reset_index()
     )
-    if not summary.empty:
-        print(summary.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
-    print(f"\nwrote {out_dir / f'{run_name}.retrain.csv'}")
-    raise_failures(outcomes)
-    return table
+
+
+# ---------------------------------------------------------------- stage 4: write
+
+
+def write_run(
+    config: RetrainBenchmarkConfig,
+    prepared: PreparedRetrain,
+    table: pd.DataFrame,
+    result: dict[str, Any],
+    run_name: str,
+) -> Path:
+    """Write ``<out>/retrain/<preset>/<run_name>.retrain.csv`` and the run record
+    ``<run_name>.run.json`` (its ``result``: the summary, failed methods and tasks).
+
+    Args:
+        config: the run's config.
+        prepared: the output of :func:`prepare`.
+        table: the long table of :func:`cell_table`.
+        result: the record's ``result``.
+        run_name: the file stem.
+
+    Returns:
+        the table's path.
+    """
+    out_dir = Path(config.out) / "retrain" / prepared.setting.name
+    path = atomic_write_text(out_dir / f"{run_name}.retrain.csv", table.to_csv(index=False))
+    record = RunRecord(
+        config, setting=prepared.setting.to_dict(), stages=prepared.stages, result=result
+    )
+    write_run_record(out_dir / f"{run_name}{RUN_RECORD_SUFFIX}", record, {"retrain": path})
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,12 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.cli import parse_key_values, run_option_values, usage_errors
-
+    """CLI entry point; exit status 2 for usage errors, with the fix in the message."""
     parser = build_parser()
     args = parser.parse_args(argv)
     with usage_errors(parser):
-        config = RetrainConfig(
+        config = RetrainBenchmarkConfig(
             methods=tuple(args.methods or ["kfac"]),
             fractions=tuple(args.fraction) if args.fraction else None,
             preset=args.preset,

@@ -16,10 +16,17 @@ import numpy as np
 import torch
 
 from benchmarks.groundtruth import get_or_train_model
-from benchmarks.pipeline import QuerySet, derived_seed, measure_queries, queries_spec
+from benchmarks.pipeline import (
+    QuerySet,
+    derived_seed,
+    measure_queries,
+    queries_spec,
+    resolve_device,
+)
 from benchmarks.provenance import StageTimer
-from benchmarks.settings import Setting
+from benchmarks.settings import Setting, get_preset
 from benchmarks.store import ArtifactStore
+from diffusion.measurements import parse_measurement
 from diffusion.unet import UNet
 from methods import AttributionMethod, MethodContext, MethodUnavailableError, get_method
 
@@ -92,11 +99,22 @@ def prepare_run(
     Resolves the preset with its overrides, checks every measurement and method name (the
     errors list the valid ones), resolves the device, and sets torch's intra-op threads
     (default: 1 for the digits presets, whose tiny models run fastest on one thread).
-    """
-    from benchmarks.pipeline import resolve_device
-    from benchmarks.settings import get_preset
-    from diffusion.measurements import parse_measurement
 
+    Args:
+        preset: setting preset name (``benchmarks.settings.PRESETS``).
+        overrides: ``Setting.replace`` keyword arguments applied to the preset.
+        measurements: measurement names the run uses.
+        methods: registry names the run uses.
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        threads: torch intra-op threads; None = the preset's default (see above).
+
+    Returns:
+        ``(setting, device)``.
+
+    Raises:
+        ValueError, UnknownMethodError: an unknown preset, override, measurement, method or
+            an unavailable device, before any work.
+    """
     setting = get_preset(preset)
     if overrides:
         setting = setting.replace(**overrides)

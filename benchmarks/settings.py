@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from benchmarks.store import to_jsonable
+from benchmarks.io import to_jsonable
 from datasets import DATASET_NAMES
 from diffusion.schedule import NoiseSchedule
 from diffusion.train import TrainConfig

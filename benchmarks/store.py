@@ -6,7 +6,8 @@ Contract (docs/DESIGN.md, "Contract: artifacts and caching"):
   where ``spec`` holds everything that determines the result (setting fingerprint, subset
   indices, seed, ...). ``canonical_json`` sorts keys, drops whitespace, writes floats by ``repr``,
   lists for tuples, plain numbers for numpy/torch scalars, dicts for dataclasses and strings for
-  paths; it refuses NaN/inf and unsupported types with a ``TypeError`` naming where they are.
+  paths; it refuses NaN/inf and unsupported types with a ``TypeError`` naming where they are
+  (``benchmarks.io``).
 - An entry is the directory ``root/<kind>/<key>/``: payload files plus the sidecar ``spec.json``
   (kind, key, format, spec, creation time, provenance, size and sha256 of every payload file).
 - Writes are atomic: the entry is written into ``root/<kind>/.tmp-<key>-<uuid>/`` (files fsynced,
@@ -23,10 +24,14 @@ Payload formats (``fmt``): ``"tensors"`` (dict of tensors -> ``tensors.safetenso
 arrays -> one ``<name>.npy`` each, no pickling) and ``"json"`` (any JSON-able value ->
 ``payload.json``; NaN/inf kept as Python's json extensions so floats round-trip exactly).
 
+Work directories: ``root/_work/<kind>/<key>/`` (:meth:`ArtifactStore.work_dir`) hold the files
+of a library that writes its own (TRAK's save_dir); they are kept, never verified, and live
+beside the entries (``_work`` is not a kind: kinds start with a letter or digit).
+
 **The interface methods use.** ``methods/`` never imports ``benchmarks/``; the runner passes an
-:class:`ArtifactStore` as ``MethodContext.cache`` and a method calls only ``get_or_compute``,
-``exists``, ``save_tensors`` and ``load_tensors`` (duck typing; ``methods.context.ArtifactCache``
-is the matching Protocol). Any object with these four methods and the same signatures will do.
+:class:`ArtifactStore` as ``MethodContext.cache`` and a method calls only what the Protocol
+``methods.context.ArtifactCache`` lists: ``get_or_compute``, ``exists`` and ``work_dir``. Any
+object with these methods and the same signatures will do.
 """
 
 from __future__ import annotations
@@ -34,10 +39,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import errno
-import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -45,7 +48,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +57,16 @@ from safetensors.torch import load as _safetensors_load
 from safetensors.torch import save as _safetensors_save
 from torch import nn
 
+from benchmarks.io import (
+    TMP_PREFIX,
+    bytes_digest,
+    canonical_json,
+    fsync_dir,
+    to_jsonable,
+    write_new_file,
+)
+from benchmarks.provenance import collect_provenance
+
 __all__ = [
     "FORMATS",
     "ArtifactEntry",
@@ -61,10 +74,7 @@ __all__ = [
     "ArtifactStore",
     "CacheMismatchError",
     "CorruptArtifactError",
-    "atomic_write_bytes",
-    "canonical_json",
     "spec_key",
-    "to_jsonable",
 ]
 
 FORMATS: tuple[str, ...] = ("tensors", "arrays", "json", "state_dict")
@@ -73,7 +83,6 @@ FORMATS: tuple[str, ...] = ("tensors", "arrays", "json", "state_dict")
 Format = Literal["tensors", "arrays", "json", "state_dict"]
 
 SIDECAR_NAME = "spec.json"
-TMP_PREFIX = ".tmp-"
 STORE_VERSION = 1
 
 _PAYLOAD_FILES = {
@@ -82,6 +91,8 @@ _PAYLOAD_FILES = {
     "json": "payload.json",
 }
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_WORK_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+WORK_DIR = "_work"
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -98,102 +109,8 @@ class ArtifactNotFoundError(FileNotFoundError):
 
 
 # --------------------------------------------------------------------------------------------
-# Canonical JSON
+# Keys
 # --------------------------------------------------------------------------------------------
-
-
-def to_jsonable(obj: Any, *, nonfinite: Literal["error", "null", "keep"] = "error") -> Any:
-    """Convert ``obj`` to plain JSON types (dict with str keys, list, str, int, float, bool, None).
-
-    Converts tuples to lists, numpy/torch scalars to Python numbers, numpy arrays and torch
-    tensors to nested lists, dataclass instances to dicts of their fields, and paths to POSIX
-    strings.
-
-    Args:
-        obj: the value to convert.
-        nonfinite: what to do with NaN/inf floats: ``"error"`` raises ``TypeError`` (specs: they
-            must hash stably), ``"null"`` writes ``None`` (result files for strict JSON readers),
-            ``"keep"`` keeps them (Python's json writes ``NaN``/``Infinity``).
-
-    Raises:
-        TypeError: for unsupported types, non-str dict keys, object arrays, and NaN/inf with
-            ``nonfinite="error"``; the message names where in ``obj`` the value sits.
-    """
-    if nonfinite not in ("error", "null", "keep"):
-        raise ValueError(f"nonfinite must be 'error', 'null' or 'keep', got {nonfinite!r}")
-    return _convert(obj, nonfinite, "spec")
-
-
-def _convert(obj: Any, nonfinite: str, where: str) -> Any:
-    if obj is None or isinstance(obj, bool | str):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        value = float(obj)
-        if not math.isfinite(value):
-            if nonfinite == "error":
-                raise TypeError(
-                    f"{where} is {value!r}: NaN/inf cannot be part of an artifact spec (its hash "
-                    "must be stable); replace it with a finite number or None."
-                )
-            if nonfinite == "null":
-                return None
-        return value
-    if isinstance(obj, np.generic):
-        if isinstance(obj, np.complexfloating | np.datetime64 | np.timedelta64 | np.void):
-            raise TypeError(f"{where} has unsupported numpy type {type(obj).__name__}")
-        return _convert(obj.item(), nonfinite, where)
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in "biuf":
-            raise TypeError(
-                f"{where} is a numpy array of dtype {obj.dtype}; only bool/int/float arrays can "
-                "be converted to JSON."
-            )
-        return _convert(obj.tolist(), nonfinite, where)
-    if isinstance(obj, torch.Tensor):
-        if obj.is_complex():
-            raise TypeError(f"{where} is a complex tensor; it cannot be converted to JSON.")
-        return _convert(obj.detach().cpu().tolist(), nonfinite, where)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: _convert(getattr(obj, f.name), nonfinite, f"{where}.{f.name}")
-            for f in dataclasses.fields(obj)
-        }
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise TypeError(
-                    f"{where} has a dict key {k!r} of type {type(k).__name__}; keys must be str "
-                    "(JSON would silently turn 1 and '1' into the same key)."
-                )
-            out[k] = _convert(v, nonfinite, f"{where}[{k!r}]")
-        return out
-    if isinstance(obj, list | tuple):
-        return [_convert(v, nonfinite, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, PurePath):
-        return obj.as_posix()
-    raise TypeError(
-        f"{where} has unsupported type {type(obj).__module__}.{type(obj).__qualname__}; use "
-        "str/int/float/bool/None, lists, str-keyed dicts, dataclasses, paths, numpy or torch "
-        "numbers/arrays (convert e.g. a torch.dtype with str())."
-    )
-
-
-def canonical_json(spec: Any) -> str:
-    """The canonical JSON text of ``spec``: sorted keys, no whitespace, ASCII, floats by repr.
-
-    Raises:
-        TypeError: see :func:`to_jsonable` (NaN/inf and unsupported types are refused).
-    """
-    return json.dumps(
-        to_jsonable(spec, nonfinite="error"),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
-    )
 
 
 def _check_kind(kind: str) -> None:
@@ -207,53 +124,8 @@ def _check_kind(kind: str) -> None:
 def spec_key(kind: str, spec: Mapping[str, Any]) -> str:
     """``f"{kind}-{sha256(canonical_json(spec))[:16]}"``: the entry's key (and directory name)."""
     _check_kind(kind)
-    digest = hashlib.sha256(canonical_json(spec).encode("ascii")).hexdigest()
+    digest = bytes_digest(canonical_json(spec).encode("ascii"))
     return f"{kind}-{digest[:16]}"
-
-
-# --------------------------------------------------------------------------------------------
-# Durable file writes
-# --------------------------------------------------------------------------------------------
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file at ``path`` and fsync it."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (renames, new files); a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write a single file atomically: a temporary sibling, fsync, then ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a partial one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
-    try:
-        _write_file(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,6 +247,20 @@ class ArtifactStore:
             return False
         self._verify_spec(path, self._read_sidecar(path), kind, spec)
         return True
+
+    def work_dir(self, kind: str, key: str) -> Path:
+        """The kept directory ``root/_work/<kind>/<key>`` (created if absent) of a library that
+        writes its own files, e.g. TRAK's save_dir; ``key`` is derived by the caller from
+        everything that determines the directory's contents (letters, digits, ``_``, ``-``)."""
+        _check_kind(kind)
+        if not isinstance(key, str) or not _WORK_KEY_RE.match(key):
+            raise ValueError(
+                f"work directory key must match {_WORK_KEY_RE.pattern} (it becomes a directory "
+                f"name), got {key!r}"
+            )
+        path = self.root / WORK_DIR / kind / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     # ---- generic ---------------------------------------------------------------------------
 
@@ -589,9 +475,6 @@ class ArtifactStore:
 
     def _get_provenance(self) -> dict[str, Any]:
         if self._provenance is None:
-            # Imported here: provenance.py imports this module's helpers.
-            from benchmarks.provenance import collect_provenance
-
             self._provenance = to_jsonable(collect_provenance(), nonfinite="null")
         return self._provenance
 
@@ -626,14 +509,14 @@ class ArtifactStore:
         tmp.mkdir()
         try:
             for name, data in files.items():
-                _write_file(tmp / name, data)
+                write_new_file(tmp / name, data)
                 sidecar["files"][name] = {
                     "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "sha256": bytes_digest(data),
                 }
             # The sidecar goes last: a directory holding it holds everything.
-            _write_file(tmp / SIDECAR_NAME, json.dumps(sidecar, indent=1).encode())
-            _fsync_dir(tmp)
+            write_new_file(tmp / SIDECAR_NAME, json.dumps(sidecar, indent=1).encode())
+            fsync_dir(tmp)
             try:
                 os.rename(tmp, final)
             except OSError as e:
@@ -646,7 +529,7 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(kind_dir)
+        fsync_dir(kind_dir)
         return final
 
     def _verify_existing(self, path: Path, kind: str, spec: Mapping[str, Any], fmt: str) -> None:
@@ -711,7 +594,7 @@ class ArtifactStore:
             raise self._corrupt(
                 path / name, f"size {len(data)} bytes, the sidecar says {record.get('bytes')}"
             )
-        if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        if bytes_digest(data) != record.get("sha256"):
             raise self._corrupt(path / name, "sha256 differs from the sidecar's")
         return data
 
@@ -759,7 +642,7 @@ class ArtifactStore:
         except FileNotFoundError:
             return False
         shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
 

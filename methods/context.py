@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -13,12 +14,23 @@ from diffusion.schedule import NoiseSchedule
 
 
 class ArtifactCache(Protocol):
-    """The part of ``benchmarks.store.ArtifactStore`` a method may use (methods never import
-    ``benchmarks``)."""
+    """The artifact store as a method sees it: the one door to ``benchmarks.store.ArtifactStore``
+    (methods never import ``benchmarks``)."""
 
-    def get_or_compute(self, kind: str, spec: Mapping[str, Any], compute_fn, *, fmt: str): ...
+    def get_or_compute(self, kind: str, spec: Mapping[str, Any], compute_fn, *, fmt: str):
+        """The stored payload of ``(kind, spec)``, computed by ``compute_fn()`` and stored first
+        when absent (``fmt``: ``"tensors"``, ``"arrays"``, ``"json"`` or ``"state_dict"``)."""
+        ...
 
-    def exists(self, kind: str, spec: Mapping[str, Any]) -> bool: ...
+    def exists(self, kind: str, spec: Mapping[str, Any]) -> bool:
+        """True iff a complete entry of ``(kind, spec)`` is stored."""
+        ...
+
+    def work_dir(self, kind: str, key: str) -> Path:
+        """A kept directory (created if absent) for a library that writes its own files (TRAK's
+        save_dir), named by ``kind`` and ``key``: letters, digits, ``_`` and ``-`` (the method
+        derives ``key`` from everything that determines the directory's contents)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ Registry variants (``methods.registry``): ``kfac``, ``kfac-reduce``, ``kfac-empi
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +32,7 @@ from torch import nn
 
 from diffusion.measurements import parse_measurement
 from methods.base import AttributionMethod
+from methods.fingerprint import tensor_fingerprint
 from methods.gradients import ParameterLayout, iter_gradient_chunks
 from methods.kfac_curvature import (
     HESSIANS,
@@ -105,16 +105,6 @@ def quantize_rows(
         values[:, start:stop] = torch.round(part / scale[:, None]).clamp_(-qmax, qmax)
         scales[:, g] = scale
     return values, scales
-
-
-def _fingerprint(*tensors: torch.Tensor) -> str:
-    """sha256 of the tensors' bytes (cache keys must change when the model or data do)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class KFACInfluence(AttributionMethod):
@@ -286,8 +276,8 @@ class KFACInfluence(AttributionMethod):
         return {
             "version": _CACHE_VERSION,
             "context": dict(ctx.cache_spec),
-            "model_sha256": _fingerprint(*params),
-            "train_sha256": _fingerprint(ctx.train_images),
+            "model_sha256": tensor_fingerprint(params, named=False),
+            "train_sha256": tensor_fingerprint(ctx.train_images, named=False),
             "schedule": asdict(ctx.schedule),
             "curvature": cfg.curvature,
             "hessian": cfg.hessian,

@@ -19,11 +19,11 @@ from methods.base import AttributionMethod, MethodUnavailableError
 if TYPE_CHECKING:
     from methods.context import MethodContext
 
-__all__ = ["ExactRetraining", "RetrainConfig"]
+__all__ = ["ExactRetraining", "ExactRetrainingConfig"]
 
 
 @dataclass(frozen=True)
-class RetrainConfig:
+class ExactRetrainingConfig:
     """Options of the exact-retraining oracle.
 
     Attributes:
@@ -53,7 +53,7 @@ class ExactRetraining(AttributionMethod):
     :class:`MethodUnavailableError` when the runner does not provide them.
     """
 
-    Config: ClassVar[type] = RetrainConfig
+    Config: ClassVar[type] = ExactRetrainingConfig
     kind: ClassVar[str] = "subset-predictions"
 
     def subset_seed(self, subset_index: int) -> int:

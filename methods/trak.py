@@ -34,7 +34,8 @@ rescaling, so the scores have the absolute scale above. When ``N < k`` it uses t
 push-through form ``(Phi Phi^T + N lambda I_N)^{-1} Phi`` (an N x N system).
 
 **Caching and resumption.** traker's save directory (memory-mapped features, one flag per
-featurised example) lives inside the artifact store at ``<root>/_work/trak/<key>/``, the key
+featurised example) is the artifact cache's work directory ``cache.work_dir("trak", key)``
+(``<root>/_work/trak/<key>/`` in ``benchmarks.store.ArtifactStore``), the key
 hashing everything that determines the training features (config except batch sizes and
 damping, seed, S, hflip, model and training-set fingerprints, ``ctx.cache_spec``). A killed
 featurisation resumes with the examples not yet flagged. The finalised features depend on the
@@ -75,9 +76,10 @@ from trak.score_computers import BasicScoreComputer
 from diffusion.measurements import draw_mc, parse_measurement, per_draw
 from diffusion.schedule import NoiseSchedule
 from methods.base import AttributionMethod, MethodUnavailableError
+from methods.fingerprint import tensor_fingerprint
 
 if TYPE_CHECKING:
-    from methods.context import MethodContext
+    from methods.context import ArtifactCache, MethodContext
 
 __all__ = [
     "OUTPUT_FUNCTIONS",
@@ -473,17 +475,6 @@ class _DampedScoreComputer(BasicScoreComputer):
 # --------------------------------------------------------------------------------------------
 
 
-def _fingerprint(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:
-    """sha256 of the bytes (and names, shapes, dtypes) of tensors."""
-    digest = hashlib.sha256()
-    items = tensors.items() if isinstance(tensors, Mapping) else [("", tensors)]
-    for name, tensor in items:
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _spec_hash(spec: Mapping[str, Any]) -> str:
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -498,13 +489,11 @@ def _fast_jl_available() -> bool:
 
 
 @contextmanager
-def _work_dir(cache: Any, key: str) -> Iterator[Path]:
-    """traker's save_dir: ``<cache.root>/_work/trak/<key>`` (kept), or a temporary directory."""
-    root = getattr(cache, "root", None) if cache is not None else None
-    if root is not None:
-        path = Path(root) / "_work" / "trak" / key
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
+def _work_dir(cache: ArtifactCache | None, key: str) -> Iterator[Path]:
+    """traker's save_dir: the cache's work directory ``("trak", key)`` (kept), or a temporary
+    directory (removed) without a cache."""
+    if cache is not None:
+        yield cache.work_dir("trak", key)
     else:
         with tempfile.TemporaryDirectory(prefix="trak-") as tmp:
             yield Path(tmp)
@@ -650,8 +639,8 @@ class TRAK(AttributionMethod):
             "seed": ctx.seed,
             "device_type": device.type,
             "n_train": n_train,
-            "model": _fingerprint(state),
-            "train_images": _fingerprint(ctx.train_images),
+            "model": tensor_fingerprint(state, named=True),
+            "train_images": tensor_fingerprint(ctx.train_images, named=True),
             "schedule": asdict(ctx.schedule),
             "cache_spec": dict(ctx.cache_spec),
         }
@@ -710,7 +699,7 @@ class TRAK(AttributionMethod):
 
             # ---- query gradients and scores ----
             query_spec = {
-                "queries": _fingerprint(ctx.query_images),
+                "queries": tensor_fingerprint(ctx.query_images, named=True),
                 "function": query_fn_name,
                 "grad_samples": n_samples,
                 "seed": ctx.seed,

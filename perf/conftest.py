@@ -131,8 +131,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     rows: list[RatioRow] = config.stash.get(_ROWS_KEY, [])
     if not rows:
         return
+    from benchmarks.io import atomic_write_bytes, to_jsonable
     from benchmarks.provenance import collect_provenance
-    from benchmarks.store import atomic_write_bytes, to_jsonable
 
     store = config.stash[_STORE_KEY]
     out_dir = Path(config.getoption("--bench-out"))

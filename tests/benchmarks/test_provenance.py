@@ -1,8 +1,7 @@
-"""Tests of provenance collection, stage timing/memory and result files."""
+"""Tests of provenance collection and stage timing/memory (run records: test_results.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import provenance as prov
-from benchmarks.provenance import StageLog, StageTimer, collect_provenance, write_result_json
+from benchmarks.provenance import StageTimer, collect_provenance
 
 KEYS = {
     "git_commit",
@@ -122,46 +121,3 @@ def test_stage_timer_cuda_peak_nested():
             del b
     assert 45 <= inner.cuda_peak_memory_mb < 100
     assert outer.cuda_peak_memory_mb >= 95  # the inner reset did not hide the outer peak
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    preset: str
-    damping: float
-
-
-def test_write_result_json_merges_everything(tmp_path):
-    log = StageLog()
-    with log.stage("fit"):
-        pass
-    with log.stage("score"):
-        pass
-    with pytest.raises(ValueError, match="already recorded"), log.stage("fit"):
-        pass
-    path = tmp_path / "out" / "result.json"
-    provenance = {"git_commit": "abc"}
-    payload = {"lds": np.array([0.5, float("nan")]), "mean": np.float64(0.5)}
-    write_result_json(path, payload, _Config("quick", 1e-8), stages=log, provenance=provenance)
-
-    def refuse(constant):
-        raise ValueError(f"non-standard JSON constant {constant}")
-
-    doc = json.loads(path.read_text(), parse_constant=refuse)  # strict JSON
-    assert doc["config"] == {"preset": "quick", "damping": 1e-8}
-    assert doc["result"] == {"lds": [0.5, None], "mean": 0.5}
-    assert list(doc["stages"]) == ["fit", "score"]
-    assert doc["stages"]["fit"]["seconds"] >= 0 and "peak_memory_mb" in doc["stages"]["fit"]
-    assert doc["provenance"] == provenance
-    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
-
-
-def test_write_result_json_default_provenance_and_timer_list(tmp_path):
-    with StageTimer("a") as a:
-        pass
-    with StageTimer("a") as b:
-        pass
-    with pytest.raises(ValueError, match="unique"):
-        write_result_json(tmp_path / "r.json", {}, {}, stages=[a, b])
-    path = write_result_json(tmp_path / "r.json", {"x": 1}, {"y": 2}, stages=[a])
-    doc = json.loads(path.read_text())
-    assert set(doc["provenance"]) == KEYS and doc["stages"]["a"]["seconds"] >= 0

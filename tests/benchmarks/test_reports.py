@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks import plots, reports
-from benchmarks.results import per_query_frame, result_row, write_results
+from benchmarks import plots, reports, results
+from benchmarks.results import RunRecord, per_query_frame, result_row, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -247,14 +247,14 @@ def test_lds_markdown_shows_best_and_default():
 
 def test_npz_inputs_round_trip(tmp_path):
     a, b = np.arange(3.0), np.arange(3.0) + 1
-    reports.save_model_correlation(
+    results.save_model_correlation(
         tmp_path / "x.model_correlation.npz", a, b, label_a="A", label_b="B", measurement="elbo"
     )
-    data = reports.load_model_correlation(tmp_path / "x.model_correlation.npz")
+    data = results.load_model_correlation(tmp_path / "x.model_correlation.npz")
     np.testing.assert_array_equal(data["b"], b)
     assert (data["label_a"], data["measurement"]) == ("A", "elbo")
     with pytest.raises(ValueError, match="scores"):
-        reports.save_influence_examples(
+        results.save_influence_examples(
             tmp_path / "y.influence_examples.npz",
             np.zeros((1, 1, 4, 4)),
             np.zeros((3, 1, 4, 4)),
@@ -278,7 +278,9 @@ def test_cli_builds_what_exists_and_skips_the_rest(tmp_path, capsys):
         [result_row("kfac", "loss", "loss", 1e-8, [0.2, 0.3, 0.25], preset="smoke")]
     )
     per_query = per_query_frame("kfac", "loss", "loss", 1e-8, np.array([0.2, 0.3, 0.25]))
-    write_results(res / "run", summary, per_query, {"commit": "abc"}, "lds-smoke")
+    write_results(
+        res / "run", summary, per_query, RunRecord({}, provenance={"commit": "abc"}), "lds-smoke"
+    )
     pd.DataFrame(
         {
             "method": ["kfac", "kfac"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,17 +11,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks.provenance import StageLog, StageTimer
 from benchmarks.results import (
     PER_QUERY_COLUMNS,
     SUMMARY_COLUMNS,
+    RunRecord,
     best_and_default,
     format_table,
     load_results,
     per_query_frame,
     result_row,
     write_results,
+    write_run_record,
 )
 from methods.registry import default_dampings
+from tests.benchmarks.test_provenance import KEYS
+
+
+def _record(provenance) -> RunRecord:
+    return RunRecord({"preset": "smoke"}, provenance=provenance)
 
 
 def _run_tables(method: str, dampings, lds_by_damping, preset="smoke"):
@@ -67,9 +76,16 @@ def test_write_then_load_round_trips_and_concatenates(tmp_path):
         dataset="digits2",
     )
     s2 = pd.concat([s2, pd.DataFrame([clip])], ignore_index=True)
-    paths = write_results(tmp_path / "a", s1, q1, {"commit": "abc", "n": np.int64(3)}, "kfac-run")
-    write_results(tmp_path / "b", s2, q2, {"commit": "def"}, "trak-run")
-    assert json.loads(paths["provenance"].read_text()) == {"commit": "abc", "n": 3}
+    record = _record({"commit": "abc", "n": np.int64(3)})
+    paths = write_results(tmp_path / "a", s1, q1, record, "kfac-run")
+    write_results(tmp_path / "b", s2, q2, _record({"commit": "def"}), "trak-run")
+    written = json.loads(paths["record"].read_text())
+    assert written["provenance"] == {"commit": "abc", "n": 3}
+    assert written["files"] == {
+        "per_query": "kfac-run.per_query.csv",
+        "record": "kfac-run.run.json",
+        "summary": "kfac-run.summary.csv",
+    }
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".tmp-")]
 
     summary, per_query = load_results(tmp_path)
@@ -96,7 +112,7 @@ def test_write_then_load_round_trips_and_concatenates(tmp_path):
 
 def test_write_results_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     s, q = _run_tables("kfac", [1e-8], [np.array([0.2, 0.4])])
-    write_results(tmp_path, s, q, {"v": 1}, "run")
+    write_results(tmp_path, s, q, _record({"v": 1}), "run")
     before = (tmp_path / "run.summary.csv").read_text()
 
     def boom(src, dst):
@@ -105,7 +121,7 @@ def test_write_results_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     s2, q2 = _run_tables("kfac", [1e-8], [np.array([0.9, 0.9])])
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        write_results(tmp_path, s2, q2, {"v": 2}, "run")
+        write_results(tmp_path, s2, q2, _record({"v": 2}), "run")
     monkeypatch.undo()
     assert (tmp_path / "run.summary.csv").read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -114,13 +130,15 @@ def test_write_results_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
 def test_write_results_rejects_bad_names_tables_and_provenance(tmp_path):
     s, q = _run_tables("kfac", [1e-8], [np.array([0.2, 0.4])])
     with pytest.raises(ValueError, match="result name"):
-        write_results(tmp_path, s, q, {}, "../escape")
+        write_results(tmp_path, s, q, _record({}), "../escape")
     with pytest.raises(ValueError, match="missing column"):
-        write_results(tmp_path, s.drop(columns=["lds_se"]), q, {}, "run")
+        write_results(tmp_path, s.drop(columns=["lds_se"]), q, _record({}), "run")
     with pytest.raises(ValueError, match="status"):
-        write_results(tmp_path, s.assign(status="great"), q, {}, "run")
+        write_results(tmp_path, s.assign(status="great"), q, _record({}), "run")
     with pytest.raises(TypeError, match="JSON-serialisable"):
-        write_results(tmp_path, s, q, {"obj": object()}, "run")
+        write_results(tmp_path, s, q, _record({"obj": object()}), "run")
+    with pytest.raises(ValueError, match="RunRecord"):
+        write_results(tmp_path, s, q, {"commit": "abc"}, "run")
     assert not list(tmp_path.iterdir())
 
 
@@ -130,11 +148,65 @@ def test_load_results_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_results(tmp_path / "missing")
     s, q = _run_tables("kfac", [1e-8], [np.array([0.2, 0.4])])
-    paths = write_results(tmp_path, s, q, {}, "run")
+    paths = write_results(tmp_path, s, q, _record({}), "run")
     paths["per_query"].unlink()
     with pytest.warns(UserWarning, match="missing"):
         summary, per_query = load_results(tmp_path)
     assert len(summary) == 1 and per_query.empty
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    preset: str
+    damping: float
+
+
+def test_run_record_merges_everything(tmp_path):
+    log = StageLog()
+    with log.stage("fit"):
+        pass
+    with log.stage("score"):
+        pass
+    with pytest.raises(ValueError, match="already recorded"), log.stage("fit"):
+        pass
+    path = tmp_path / "out" / "result.run.json"
+    provenance = {"git_commit": "abc"}
+    result = {"lds": np.array([0.5, float("nan")]), "mean": np.float64(0.5)}
+    record = RunRecord(
+        _Config("quick", 1e-8),
+        setting={"name": "quick", "n_subsets": 3},
+        stages=log,
+        provenance=provenance,
+        result=result,
+    )
+    write_run_record(path, record, {"table": path.parent / "result.retrain.csv"})
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    doc = json.loads(path.read_text(), parse_constant=refuse)  # strict JSON
+    assert list(doc) == ["config", "setting", "provenance", "stages", "files", "result"]
+    assert doc["config"] == {"preset": "quick", "damping": 1e-8}
+    assert doc["setting"] == {"name": "quick", "n_subsets": 3}
+    assert doc["result"] == {"lds": [0.5, None], "mean": 0.5}
+    assert list(doc["stages"]) == ["fit", "score"]
+    assert doc["stages"]["fit"]["seconds"] >= 0 and "peak_memory_mb" in doc["stages"]["fit"]
+    assert doc["provenance"] == provenance
+    assert doc["files"] == {"table": "result.retrain.csv"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.run.json"]
+
+
+def test_run_record_default_provenance_and_timer_list(tmp_path):
+    with StageTimer("a") as a:
+        pass
+    with StageTimer("a") as b:
+        pass
+    with pytest.raises(ValueError, match="unique"):
+        write_run_record(tmp_path / "r.run.json", RunRecord({}, stages=[a, b]))
+    path = write_run_record(tmp_path / "r.run.json", RunRecord({"y": 2}, stages=[a]))
+    doc = json.loads(path.read_text())
+    assert set(doc["provenance"]) == KEYS and doc["stages"]["a"]["seconds"] >= 0
+    assert doc["setting"] is None and doc["result"] is None and doc["files"] == {}
 
 
 def test_format_table_contents():

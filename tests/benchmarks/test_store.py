@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from benchmarks import store as store_mod
+from benchmarks.io import atomic_write_bytes, canonical_json, to_jsonable
 from benchmarks.store import (
     ArtifactNotFoundError,
     ArtifactStore,
     CacheMismatchError,
     CorruptArtifactError,
-    atomic_write_bytes,
-    canonical_json,
     spec_key,
 )
 
@@ -303,7 +302,7 @@ def test_missing_entry_raises_not_found(store):
 
 
 def _failing_on_call(monkeypatch, n_fail: int, exc: BaseException):
-    original = store_mod._write_file
+    original = store_mod.write_new_file
     calls = {"n": 0}
 
     def write(path, data):
@@ -312,7 +311,7 @@ def _failing_on_call(monkeypatch, n_fail: int, exc: BaseException):
             raise exc
         original(path, data)
 
-    monkeypatch.setattr(store_mod, "_write_file", write)
+    monkeypatch.setattr(store_mod, "write_new_file", write)
     return calls
 
 
@@ -365,14 +364,14 @@ def test_atomic_write_bytes_replaces_whole_file(tmp_path):
 def _race_at_rename(monkeypatch, n_threads: int = 2) -> None:
     """Make every writer finish its temporary directory before any of them renames it."""
     barrier = threading.Barrier(n_threads, timeout=20)
-    original = store_mod._fsync_dir
+    original = store_mod.fsync_dir
 
     def fsync_dir(path):
         original(path)
         if Path(path).name.startswith(".tmp-"):
             barrier.wait()
 
-    monkeypatch.setattr(store_mod, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(store_mod, "fsync_dir", fsync_dir)
 
 
 def _run_threads(fns):
@@ -442,8 +441,8 @@ def test_get_or_compute_computes_once(store, fmt, make):
     first = store.get_or_compute("thing", SPEC, compute, fmt=fmt)
     second = store.get_or_compute("thing", SPEC, compute, fmt=fmt)
     assert calls == [1]
-    assert json.dumps(store_mod.to_jsonable(first, nonfinite="keep")) == json.dumps(
-        store_mod.to_jsonable(second, nonfinite="keep")
+    assert json.dumps(to_jsonable(first, nonfinite="keep")) == json.dumps(
+        to_jsonable(second, nonfinite="keep")
     )
     other = store.get_or_compute("thing", {**SPEC, "seed": 2}, compute, fmt=fmt)
     assert calls == [1, 1] and other is not None
@@ -494,5 +493,17 @@ def test_store_provides_what_methods_may_call():
         expected = list(inspect.signature(member).parameters)
         actual = list(inspect.signature(getattr(ArtifactStore, name)).parameters)
         assert actual[: len(expected)] == expected, name
-    for name in ("get_or_compute", "exists", "save_tensors", "load_tensors"):
+    for name in ("get_or_compute", "exists", "save_tensors", "load_tensors", "work_dir"):
         assert callable(getattr(ArtifactStore, name))
+
+
+def test_work_dir_keeps_the_trak_layout_and_refuses_bad_keys(store):
+    path = store.work_dir("trak", "0123456789abcdef0123")
+    assert path == store.root / "_work" / "trak" / "0123456789abcdef0123" and path.is_dir()
+    (path / "features.mmap").write_bytes(b"x")
+    assert store.work_dir("trak", "0123456789abcdef0123") == path  # kept, not emptied
+    assert (path / "features.mmap").read_bytes() == b"x"
+    assert store.kinds() == [] and store.cleanup_tmp(min_age_s=0) == 0  # not an entry
+    for bad in ("../escape", "", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="work directory key"):
+            store.work_dir("trak", bad)

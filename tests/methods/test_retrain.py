@@ -8,7 +8,7 @@ import torch
 
 from diffusion.schedule import NoiseSchedule
 from methods import MethodContext, MethodUnavailableError, create_method
-from methods.retrain import ExactRetraining, RetrainConfig
+from methods.retrain import ExactRetraining, ExactRetrainingConfig
 
 
 def make_ctx(train_fn=None, measure_fn=None) -> MethodContext:
@@ -63,4 +63,4 @@ def test_bad_masks_and_measure_shape():
     with pytest.raises(ValueError, match="measure_fn returned shape"):
         ExactRetraining().predict_subsets(ctx, np.ones((1, 6), dtype=bool))
     with pytest.raises(ValueError):
-        RetrainConfig(seed_offset=-1)
+        ExactRetrainingConfig(seed_offset=-1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from trak import TRAKer
 
+from benchmarks.store import ArtifactStore
 from diffusion.schedule import NoiseSchedule
 from methods import MethodContext, create_method, get_method
 from methods.trak import QUERY_STREAM, TRAIN_STREAM, TRAK, TRAKConfig, example_draws
@@ -220,7 +220,7 @@ def test_scores_depend_on_seed():
 
 def test_killed_featurisation_resumes_and_damping_change_refinalises(tmp_path, monkeypatch):
     model = TinyEps(hidden=3, seed=5)
-    cache = SimpleNamespace(root=tmp_path)
+    cache = ArtifactStore(tmp_path)  # its work_dir: <root>/_work/trak/<key>
     ctx = make_ctx(model, 10, 2)
     ctx_cached = make_ctx(model, 10, 2, cache=cache)
     cfg = dict(projector="basic", proj_dim=16, batch_size=3)

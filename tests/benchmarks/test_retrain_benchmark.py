@@ -1,0 +1,167 @@
+"""The retraining-without-top-influences benchmark (benchmarks.retrain) end to end on the tiny
+preset with two retrain queries."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from benchmarks import retrain
+from benchmarks.pipeline import (
+    count_trainings,
+    get_base_model,
+    get_queries,
+    load_train_set,
+    measure_queries,
+)
+from benchmarks.retrain import (
+    RANDOM_REMOVAL,
+    RetrainBenchmarkConfig,
+    RetrainTask,
+    run_retrain_task,
+)
+from benchmarks.store import ArtifactStore
+from methods import AttributionMethod
+from methods.registry import REGISTRY, register_method
+from tests.benchmarks.tiny import TINY_OVERRIDES, tiny_setting
+
+CPU = torch.device("cpu")
+OVERRIDES = {**TINY_OVERRIDES, "n_retrain_queries": 2}
+FRACTIONS = (0.1, 0.25)
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    """No options."""
+
+
+class _NaNScores(AttributionMethod):
+    """A broken method: NaN scores."""
+
+    Config = _NoOptions
+
+    def score(self, ctx):
+        return np.full((ctx.n_queries, ctx.n_train), np.nan)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_cache):
+    """One run with ``random`` and a broken method; the second run of the same config."""
+    register_method("test-retrain-nan")(_NaNScores)
+    root = tmp_path_factory.mktemp("retrain")
+    shutil.copytree(tiny_cache, root / "cache")  # the base model and the queries
+    config = RetrainBenchmarkConfig(
+        methods=("random", "test-retrain-nan"),
+        fractions=FRACTIONS,
+        preset="smoke",
+        overrides=OVERRIDES,
+        cache_dir=str(root / "cache"),
+        out=str(root / "out"),
+        device="cpu",
+        threads=1,
+        progress=False,
+    )
+    try:
+        table = retrain.run(config)
+        trainings = count_trainings(ArtifactStore(root / "cache"))
+        again = retrain.run(config)
+    finally:
+        REGISTRY.remove("test-retrain-nan")
+    return config, table, trainings, again
+
+
+def test_table_has_a_row_per_method_fraction_and_query(finished):
+    _, table, _, _ = finished
+    assert list(table.columns) == [
+        "method",
+        "fraction",
+        "query",
+        "measurement",
+        "base",
+        "retrained",
+        "delta_loss",
+    ]
+    cells = set(zip(table["method"], table["fraction"], table["query"], strict=True))
+    assert cells == set(itertools.product(["random", RANDOM_REMOVAL], FRACTIONS, [0, 1]))
+    assert len(table) == len(cells) == 8  # the broken method has no rows
+    assert (table["measurement"] == "loss").all()
+    np.testing.assert_array_equal(table["delta_loss"], table["retrained"] - table["base"])
+    assert table["retrained"].nunique() > 1
+
+
+def test_base_column_is_the_base_models_own_measurement(finished):
+    config, table, _, _ = finished
+    setting = tiny_setting().replace(n_retrain_queries=2)
+    store = ArtifactStore(config.cache_dir)
+    model = get_base_model(setting, store, load_train_set(setting), device=CPU, progress=False)
+    queries = get_queries(setting, store, model, device=CPU, progress=False)
+    base = measure_queries(
+        model,
+        setting,
+        queries,
+        "loss",
+        n_samples=setting.gt_mc_samples,
+        device=CPU,
+    )
+    for q in (0, 1):
+        assert (table.loc[table["query"] == q, "base"] == base[q]).all()
+    assert base[0] != base[1]
+
+
+def test_run_record_and_table_file(finished):
+    config, table, _, _ = finished
+    run_dir = Path(config.out) / "retrain" / tiny_setting().name
+    records = sorted(run_dir.glob("*.run.json"))
+    assert records and len(records) == len(list(run_dir.glob("*.retrain.csv")))
+    doc = json.loads(records[-1].read_text())
+    assert list(doc) == ["config", "setting", "provenance", "stages", "files", "result"]
+    assert doc["config"]["methods"] == ["random", "test-retrain-nan"]
+    assert doc["setting"]["n_retrain_queries"] == 2
+    assert {"git_commit", "packages", "device"} <= set(doc["provenance"])
+    assert {"data", "base_model", "queries", "methods", "retraining"} <= set(doc["stages"])
+    assert doc["stages"]["retraining"]["seconds"] > 0
+    assert doc["result"]["failed_tasks"] == []
+    assert "non-finite" in doc["result"]["failed_methods"]["test-retrain-nan"]
+    assert {r["method"] for r in doc["result"]["summary"]} == {"random", RANDOM_REMOVAL}
+    csv = run_dir / doc["files"]["retrain"]
+    assert csv.name.endswith(".retrain.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table, check_dtype=False)
+
+
+def test_second_run_retrains_nothing(finished):
+    config, table, trainings, again = finished
+    assert trainings == 1 + 8  # the base model and one model per cell
+    assert count_trainings(ArtifactStore(config.cache_dir)) == trainings
+    pd.testing.assert_frame_equal(again, table)
+
+
+def _task(config: RetrainBenchmarkConfig, query: int) -> RetrainTask:
+    setting = tiny_setting().replace(n_retrain_queries=2)
+    return RetrainTask(
+        setting, config.cache_dir, None, tuple(range(24)), query, "loss", device="cpu"
+    )
+
+
+def test_retraining_on_everything_reproduces_the_base_measurement(finished):
+    """Kept = all examples: the retrained model is the base model (same data, seed and
+    recipe), so query 0's measurement is the base model's."""
+    config, table, _, _ = finished
+    base = table.loc[table["query"] == 0, "base"].iloc[0]
+    assert run_retrain_task(_task(config, 0)) == base
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 item 1")
+def test_retrain_task_measures_query_q_with_its_own_draws(finished):
+    """Known issue: run_retrain_task measures a one-query set, so query q >= 1 is measured
+    with query 0's Monte Carlo draws."""
+    config, table, _, _ = finished
+    base = table.loc[table["query"] == 1, "base"].iloc[0]
+    assert run_retrain_task(_task(config, 1)) == base

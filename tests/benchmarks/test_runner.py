@@ -1,0 +1,129 @@
+"""The method runner (benchmarks.runner): outcomes of a method run, building methods, and the
+input check every runner does first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.pipeline import get_base_model, get_queries, load_train_set
+from benchmarks.runner import Experiment, build_method, prepare_run, run_method
+from benchmarks.store import ArtifactStore
+from methods import AttributionMethod, UnknownMethodError
+from methods.registry import REGISTRY, register_method
+from tests.benchmarks.tiny import TINY_OVERRIDES, tiny_setting
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_cache) -> Experiment:
+    setting = tiny_setting()
+    store = ArtifactStore(tiny_cache)  # read only: these method runs store nothing
+    train_set = load_train_set(setting)
+    model = get_base_model(setting, store, train_set, device=CPU, progress=False)
+    queries = get_queries(setting, store, model, device=CPU, progress=False)
+    return Experiment(setting, store, model, train_set.images, queries, CPU, progress=False)
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    """No options."""
+
+
+class _NaNScores(AttributionMethod):
+    """A broken method: NaN scores."""
+
+    Config = _NoOptions
+
+    def score(self, ctx):
+        return np.full((ctx.n_queries, ctx.n_train), np.nan)
+
+
+class _NoWeights(AttributionMethod):
+    """A method that cannot run here."""
+
+    Config = _NoOptions
+
+    def availability(self):
+        return False, "no weights here; pass --option weights=PATH"
+
+    def score(self, ctx):  # pragma: no cover - never called when unavailable
+        raise AssertionError("an unavailable method must not be run")
+
+
+@pytest.fixture
+def registered():
+    names = {"test-runner-nan": _NaNScores, "test-runner-unavailable": _NoWeights}
+    for name, cls in names.items():
+        register_method(name)(cls)
+    yield names
+    for name in names:
+        REGISTRY.remove(name)
+
+
+def test_run_method_ok(experiment):
+    outcome = run_method(experiment, "random", {}, measurement="loss", target="loss")
+    assert (outcome.status, outcome.reason) == ("ok", "")
+    assert outcome.scores.shape == (2, 24) and outcome.scores.dtype == np.float64
+    assert outcome.predictions is None and outcome.measurement == "loss"
+    assert outcome.seconds >= 0 and outcome.peak_memory_mb >= 0
+    again = run_method(experiment, "random", {}, measurement="loss", target="loss")
+    np.testing.assert_array_equal(outcome.scores, again.scores)  # seeded by the setting
+
+
+def test_run_method_unavailable(experiment, registered):
+    outcome = run_method(
+        experiment, "test-runner-unavailable", {}, measurement="loss", target="loss"
+    )
+    assert outcome.status == "unavailable" and "no weights here" in outcome.reason
+    assert outcome.scores is None
+    # A subset-prediction method without subsets is unavailable too, not a crash.
+    oracle = run_method(experiment, "retrain", {}, measurement="loss", target="loss")
+    assert oracle.status == "unavailable" and "needs training subsets" in oracle.reason
+
+
+def test_run_method_failed_on_nan_scores(experiment, registered):
+    outcome = run_method(experiment, "test-runner-nan", {}, measurement="loss", target="loss")
+    assert outcome.status == "failed"
+    assert "48 non-finite values" in outcome.reason and "damping" in outcome.reason
+
+
+def test_run_method_bad_config_is_a_failed_cell(experiment):
+    outcome = run_method(
+        experiment, "retrain", {"seed_offset": -1}, measurement="loss", target="loss"
+    )
+    assert outcome.status == "failed" and outcome.config == {}
+    assert outcome.reason.startswith("bad configuration:") and "seed_offset" in outcome.reason
+
+
+def test_build_method_ignores_options_its_config_lacks():
+    method = build_method("retrain", {"seed_offset": 7, "proj_dim": 4096, "damping": 1e-3})
+    assert method.config.seed_offset == 7
+    assert not hasattr(method.config, "proj_dim") and not hasattr(method.config, "damping")
+    assert build_method("random", {"damping": 1e-3}).config == build_method("random", {}).config
+
+
+@pytest.fixture
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_prepare_run_resolves_and_validates_names(restore_threads):
+    setting, device = prepare_run(
+        "smoke", TINY_OVERRIDES, ("loss", "elbo"), ("kfac", "random"), "cpu", 1
+    )
+    assert setting == tiny_setting() and device == CPU and torch.get_num_threads() == 1
+    with pytest.raises(UnknownMethodError, match="kfca"):
+        prepare_run("smoke", {}, ("loss",), ("kfca",), "cpu", 1)
+    with pytest.raises(ValueError, match="los"):
+        prepare_run("smoke", {}, ("los",), ("kfac",), "cpu", 1)
+    with pytest.raises(ValueError, match="quik"):
+        prepare_run("quik", {}, ("loss",), ("kfac",), "cpu", 1)
+    with pytest.raises(ValueError, match="n_subsetz"):
+        prepare_run("smoke", {"n_subsetz": 3}, ("loss",), ("kfac",), "cpu", 1)
