@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 EXECUTOR_NAMES = ("local", "pool", "ray")
@@ -64,8 +65,6 @@ def _short_error(error: BaseException) -> str:
 
 
 def _set_worker_threads(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -186,7 +185,7 @@ class RayExecutor:
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str], desc: str = ""
     ) -> list[TaskOutcome]:
-        import ray
+        import ray  # deferred: optional extra [ray], only for --executor ray
 
         started_here = not ray.is_initialized()
         if started_here:

@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 also when some figures were skipped)."""
-    import matplotlib
+    import matplotlib  # deferred: the backend is chosen by the CLI, never at import
 
     matplotlib.use("Agg")  # headless; the figure code itself never needs a GUI backend
     args = build_parser().parse_args(argv)

@@ -54,19 +54,19 @@ def load_dataset(
         DatasetUnavailableError: CIFAR-10 is neither on disk nor downloadable.
     """
     if name == "digits":
-        from .digits import load_digits
+        from .digits import load_digits  # deferred: scikit-learn loads only when used
 
         return load_digits()
     if name == "digits2":
-        from .digits import load_digits2
+        from .digits import load_digits2  # deferred: scikit-learn loads only when used
 
         return load_digits2()
     if name == "cifar10":
-        from .cifar import load_cifar10
+        from .cifar import load_cifar10  # deferred: torchvision loads only for CIFAR
 
         return load_cifar10(data_dir, download=download)
     if name == "cifar2":
-        from .cifar import load_cifar2
+        from .cifar import load_cifar2  # deferred: torchvision loads only for CIFAR
 
         return load_cifar2(data_dir, download=download)
     close = difflib.get_close_matches(str(name), DATASET_NAMES, n=1)

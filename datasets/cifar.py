@@ -106,8 +106,8 @@ def _find_batches(root: Path) -> Path | None:
 
 def _download(root: Path) -> None:
     """Download and extract cifar-10-python.tar.gz into ``root`` (md5-verified by torchvision)."""
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
+    from torchvision.datasets import CIFAR10  # deferred: heavy, only to download
+    from torchvision.datasets.utils import download_and_extract_archive  # deferred: as above
 
     root.mkdir(parents=True, exist_ok=True)
     download_and_extract_archive(

@@ -28,7 +28,7 @@ def load_digits() -> ImageDataset:
         ImageDataset "digits": images ``[1797, 1, 8, 8]`` float32, labels ``[1797]`` (0..9),
         indices ``[1797]`` = row numbers in ``sklearn.datasets.load_digits().data``.
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
+    from sklearn.datasets import load_digits as _sk_load_digits  # deferred: heavy import
 
     bunch = _sk_load_digits()
     data = torch.as_tensor(bunch.data, dtype=torch.float64)  # [1797, 64], values 0..16

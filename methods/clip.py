@@ -95,7 +95,7 @@ class ResolvedWeights:
 
 def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
     """open_clip's ``hf_hub`` entry ``org/repo/[filename]`` -> (repo id, file names to try)."""
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME  # deferred: heavy
 
     repo_id, filename = os.path.split(hf_hub)
     filename = filename or HF_WEIGHTS_NAME
@@ -114,7 +114,7 @@ def resolve_weights(config: CLIPConfig) -> ResolvedWeights:
     Order: ``checkpoint_path``; the tag's ``file``; the Hugging Face cache (safetensors first,
     as open_clip does); open_clip's URL cache.
     """
-    import open_clip
+    import open_clip  # deferred: heavy; --method kfac never imports CLIP
 
     if config.model_name not in open_clip.list_models():
         return ResolvedWeights(
@@ -141,7 +141,7 @@ def resolve_weights(config: CLIPConfig) -> ResolvedWeights:
         return ResolvedWeights(pcfg["file"], "", pcfg)
     looked: list[str] = []
     if pcfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # deferred: with open_clip
 
         repo_id, names = _hf_candidates(pcfg["hf_hub"])
         for name in names:
@@ -209,7 +209,7 @@ class CLIPCosine(AttributionMethod):
         Raises:
             MethodUnavailableError: no local weights (the reason says where it looked).
         """
-        import open_clip
+        import open_clip  # deferred: heavy; loaded only when CLIP runs
 
         resolved = resolve_weights(self.config)
         if resolved.path is None:
@@ -238,7 +238,7 @@ class CLIPCosine(AttributionMethod):
         Returns:
             ``# [B, embed_dim]`` float32 embeddings on the CPU (not normalised).
         """
-        import open_clip
+        import open_clip  # deferred: heavy; loaded only when CLIP runs
 
         cfg = open_clip.get_model_preprocess_cfg(model)
         out = []

@@ -482,7 +482,7 @@ def _spec_hash(spec: Mapping[str, Any]) -> str:
 
 def _fast_jl_available() -> bool:
     try:
-        import fast_jl  # noqa: F401
+        import fast_jl  # noqa: F401  # deferred: optional CUDA extension, probed at run time
     except ImportError:
         return False
     return True
@@ -747,7 +747,7 @@ def _copy_model(model: nn.Module, device: torch.device) -> nn.Module:
 @contextmanager
 def _quiet_traker_bars(progress: bool) -> Iterator[None]:
     """traker's finalize_* show a tqdm bar over model ids; silence it unless progress."""
-    import trak.traker as traker_module
+    import trak.traker as traker_module  # deferred: traker loads only when TRAK runs
 
     original = traker_module.tqdm
     if not progress:
