@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import lds
-from benchmarks.cli import DEFAULT_CACHE_DIR, usage_errors
+from benchmarks.cli import DEFAULT_CACHE_DIR, nest_overrides, parse_key_values, usage_errors
 from benchmarks.io import atomic_write_text
 from benchmarks.lds import LDSConfig
 from benchmarks.plots import method_label, plot_lds_bars
@@ -70,7 +70,12 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
 
 
 def run(
-    preset: str, out: str, cache_dir: str, methods: tuple[str, ...] | None, progress: bool
+    preset: str,
+    out: str,
+    cache_dir: str,
+    methods: tuple[str, ...] | None,
+    progress: bool,
+    overrides: dict | None = None,
 ) -> Path:
     """Run the LDS of ``methods`` on ``preset`` and write ``leaderboard.md`` and ``.png``.
 
@@ -80,13 +85,21 @@ def run(
         cache_dir: artifact store.
         methods: registry names; None = every registered method.
         progress: show progress bars.
+        overrides: setting overrides (``--set``), applied to the preset.
 
     Returns:
         the path of ``leaderboard.md``.
     """
     names = tuple(methods or available_methods())
     result = lds.run(
-        LDSConfig(methods=names, preset=preset, out=out, cache_dir=cache_dir, progress=progress)
+        LDSConfig(
+            methods=names,
+            preset=preset,
+            out=out,
+            cache_dir=cache_dir,
+            progress=progress,
+            overrides=overrides or {},
+        )
     )
     out_dir = Path(out)
     markdown = leaderboard_markdown(result.summary, collect_provenance(), preset)
@@ -119,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results", help="where leaderboard.md/png go")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="FIELD=VALUE",
+        help="override a setting field of the preset, e.g. n_subsets=64 or train.steps=20",
+    )
     args = parser.parse_args(argv)
     with usage_errors(parser):
         run(
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cache_dir,
             tuple(args.methods) if args.methods else None,
             not args.no_progress,
+            nest_overrides(parse_key_values(args.overrides, "--set")),
         )
     return 0
 
