@@ -16,10 +16,11 @@ the arithmetic on the CPU (figures: perf/README.md, "Ensemble training"):
   Here: ``C_out < _MIN_GROUPED_OUT_CHANNELS`` -> one convolution per member; 1x1 kernels ->
   ``einsum`` (a batched matrix product over members); ``C_in < _MIN_GROUPED_IN_CHANNELS`` (the
   input convolution: 1 or 3 image channels per member) -> one convolution per member, because
-  oneDNN picks the grouped convolution's kernel from the total input channels ``K * C_in``:
-  with fewer than one SIMD block of them (8 floats with AVX2, 16 with AVX-512) it runs another
-  kernel, with another summation order, so a member's forward output depended on K (AVX2,
-  C_in = 1: K < 8 and K >= 8 differ by ~1e-7); otherwise the grouped convolution, its bias
+  oneDNN's kernel for the grouped convolution depends on the total input channels ``K * C_in``
+  when they are fewer than about one SIMD block (measured on an AVX2 CPU, 8 floats: with 1
+  input and 8 output channels per member, K < 8 and K >= 8 summed in different orders, the
+  member's forward output differing by ~1e-7; AVX-512's block is 16 floats); otherwise the
+  grouped convolution, its bias
   added apart as vmap does (a bias fused into oneDNN's grouped convolution gets a gradient
   whose rounding depends on K).
 
