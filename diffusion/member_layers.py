@@ -20,9 +20,8 @@ the arithmetic on the CPU (figures: perf/README.md, "Ensemble training"):
   when they are fewer than about one SIMD block (measured on an AVX2 CPU, 8 floats: with 1
   input and 8 output channels per member, K < 8 and K >= 8 summed in different orders, the
   member's forward output differing by ~1e-7; AVX-512's block is 16 floats); otherwise the
-  grouped convolution, its bias
-  added apart as vmap does (a bias fused into oneDNN's grouped convolution gets a gradient
-  whose rounding depends on K).
+  grouped convolution, its bias added apart as vmap does (a bias fused into oneDNN's grouped
+  convolution gets a gradient whose rounding depends on K).
 
 Every member's output depends only on its own inputs and parameters, computed by kernels that
 do not depend on K, so a member's weights stay independent of the other members, bitwise
