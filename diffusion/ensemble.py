@@ -33,9 +33,11 @@ weight decay is elementwise.
 Independent of the other members: member k's weights depend only on its own (subset, seed), not
 on how many or which other members share its ensemble, bitwise (CPU, fixed thread count; the
 vmapped kernels compute each member's slice on its own: grouped convolutions per group, batched
-matrix products per matrix, group norm per group). A lone member (K = 1) would run the ungrouped
-kernels instead, so it is trained next to a twin of itself. Hence missing members of an
-interrupted ground truth can be retrained in a smaller ensemble and match an uninterrupted run.
+matrix products per matrix, group norm per group, and convolutions whose grouped kernel would
+depend on K, such as the input convolution's, one per member: :mod:`diffusion.member_layers`).
+A lone member (K = 1) would run the ungrouped kernels instead, so it is trained next to a twin
+of itself. Hence missing members of an interrupted ground truth can be retrained in a smaller
+ensemble and match an uninterrupted run.
 Checked by tests/diffusion/test_ensemble.py; on CUDA, cuDNN's algorithm choice may depend on K.
 
 Measured agreement with ``train_model`` (tests/diffusion/test_ensemble.py and the numbers in
@@ -79,10 +81,12 @@ from diffusion.unet import UNet, UNetConfig
 
 __all__ = ["ENSEMBLE_KERNELS", "train_ensemble"]
 
-ENSEMBLE_KERNELS = 2
+ENSEMBLE_KERNELS = 3
 """Version of the ensemble's kernels, recorded in ground-truth model specs: bumped whenever a
 change alters the rounding of ensemble training (2: the batching rules of
-:mod:`diffusion.member_layers`), so that models of two versions never share one ground truth."""
+:mod:`diffusion.member_layers`; 3: the input convolution, 1 or 3 channels per member, runs one
+convolution per member instead of a grouped one whose kernel depended on K), so that models of
+two versions never share one ground truth."""
 
 _DTYPES = (torch.float32, torch.float64)
 

@@ -14,9 +14,14 @@ the arithmetic on the CPU (figures: perf/README.md, "Ensemble training"):
   when each group has very few output channels (the output convolution, 1 channel per member),
   and slower than a batched matrix product for 1x1 kernels (the ResBlock skips).
   Here: ``C_out < _MIN_GROUPED_OUT_CHANNELS`` -> one convolution per member; 1x1 kernels ->
-  ``einsum`` (a batched matrix product over members); otherwise the grouped convolution, its
-  bias added apart as vmap does (a bias fused into oneDNN's grouped convolution gets a
-  gradient whose rounding depends on K).
+  ``einsum`` (a batched matrix product over members); ``C_in < _MIN_GROUPED_IN_CHANNELS`` (the
+  input convolution: 1 or 3 image channels per member) -> one convolution per member, because
+  oneDNN's kernel for the grouped convolution depends on the total input channels ``K * C_in``
+  when they are fewer than about one SIMD block (measured on an AVX2 CPU, 8 floats: with 1
+  input and 8 output channels per member, K < 8 and K >= 8 summed in different orders, the
+  member's forward output differing by ~1e-7; AVX-512's block is 16 floats); otherwise the
+  grouped convolution, its bias added apart as vmap does (a bias fused into oneDNN's grouped
+  convolution gets a gradient whose rounding depends on K).
 
 Every member's output depends only on its own inputs and parameters, computed by kernels that
 do not depend on K, so a member's weights stay independent of the other members, bitwise
@@ -37,7 +42,13 @@ from torch import nn
 __all__ = ["MemberConv2d", "MemberGroupNorm", "use_member_layers"]
 
 _MIN_GROUPED_OUT_CHANNELS = 4
-"""Convolutions with fewer output channels run as one convolution per member."""
+"""Convolutions with fewer output channels run as one convolution per member (speed)."""
+
+_MIN_GROUPED_IN_CHANNELS = 8
+"""Convolutions (not 1x1) with fewer input channels run as one convolution per member: with at
+least 8 per member, any ensemble (K >= 2) gives oneDNN's grouped convolution at least 16 input
+channels, one full SIMD block of the widest instruction set (AVX-512), so its kernel choice
+does not change with K (K-independence of a member's result, module docstring)."""
 
 
 def _members_first(t: torch.Tensor, bdim: int | None, k: int) -> torch.Tensor:
@@ -113,26 +124,34 @@ def _conv(x, weight, bias, stride, padding):
     return F.conv2d(x, weight, bias, stride, padding)
 
 
+def _per_member_conv(x, weight, bias, stride, padding):
+    """One ordinary convolution per member: x [K, B, C_in, H, W], weight [K, C_out, C_in, kh,
+    kw], bias [K, C_out] or None -> [K, B, C_out, H', W']."""
+    # unbind, not indexing: the backward of k selects would zero-fill k full gradients
+    biases = [None] * x.shape[0] if bias is None else bias.unbind(0)
+    outs = [
+        F.conv2d(xm, wm, bm, stride, padding)
+        for xm, wm, bm in zip(x.unbind(0), weight.unbind(0), biases, strict=True)
+    ]
+    return torch.stack(outs)
+
+
 def _batched_conv(k, in_dims, x, weight, bias, stride, padding):
     """K members' convolutions: per member, as ``einsum`` (1x1) or grouped (module docstring)."""
     weight = _members_first(weight, in_dims[1], k)  # [K, C_out, C_in, kh, kw]
     bias = None if bias is None else _members_first(bias, in_dims[2], k)  # [K, C_out]
     c_out, c_in = weight.shape[1], weight.shape[2]
     if c_out < _MIN_GROUPED_OUT_CHANNELS:
-        # unbind, not indexing: the backward of k selects would zero-fill k full gradients
-        xs = _members_first(x, in_dims[0], k).unbind(0)  # K x [B, C_in, H, W]
-        biases = [None] * k if bias is None else bias.unbind(0)
-        outs = [
-            F.conv2d(xm, wm, bm, stride, padding)
-            for xm, wm, bm in zip(xs, weight.unbind(0), biases, strict=True)
-        ]
-        return torch.stack(outs), 0
-    x = _members_second(x, in_dims[0], k)  # [B, K, C_in, H, W]
+        return _per_member_conv(_members_first(x, in_dims[0], k), weight, bias, stride, padding), 0
     if weight.shape[3:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        x = _members_second(x, in_dims[0], k)  # [B, K, C_in, H, W]
         out = torch.einsum("koc,bkchw->bkohw", weight.flatten(2), x)
         if bias is not None:
             out = out + bias[None, :, :, None, None]
         return out, 1
+    if c_in < _MIN_GROUPED_IN_CHANNELS:
+        return _per_member_conv(_members_first(x, in_dims[0], k), weight, bias, stride, padding), 0
+    x = _members_second(x, in_dims[0], k)  # [B, K, C_in, H, W]
     b = x.shape[0]
     out = F.conv2d(
         x.reshape(b, k * c_in, *x.shape[3:]),

@@ -19,8 +19,16 @@ LAYERS = {
     "conv 1x1 (einsum)": lambda: nn.Conv2d(4, 6, 1),
     "conv 1x1 without bias": lambda: nn.Conv2d(4, 6, 1, bias=False),
     "conv 2 outputs (per member)": lambda: nn.Conv2d(4, 2, 3, padding=1),
+    "conv 1 input (per member)": lambda: nn.Conv2d(1, 8, 3, padding=1),
+    "conv 3 inputs stride 2 (per member)": lambda: nn.Conv2d(3, 16, 3, stride=2, padding=1),
     "group norm": lambda: nn.GroupNorm(2, 4),
 }
+SMALL_INPUT_LAYERS = ["conv 1 input (per member)", "conv 3 inputs stride 2 (per member)"]
+"""Convolutions with fewer than 8 input channels per member (the U-Net's input convolution)."""
+
+
+def _in_channels(layer: nn.Module) -> int:
+    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.num_channels
 
 
 def _members(name: str) -> list[nn.Module]:
@@ -48,7 +56,7 @@ def test_vmapped_member_layer_equals_each_plain_layer(name, shared_input):
     skeleton = use_member_layers(copy.deepcopy(members[0]).to("meta"))
     assert type(skeleton) in (MemberConv2d, MemberGroupNorm)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(K, 5, 4, 6, 6, generator=gen, dtype=torch.float64)
+    x = torch.randn(K, 5, _in_channels(members[0]), 6, 6, generator=gen, dtype=torch.float64)
     in_x = None if shared_input else 0
     inputs = [x[0] if shared_input else x[k] for k in range(K)]
 
@@ -77,7 +85,7 @@ def test_vmapped_member_layer_equals_each_plain_layer(name, shared_input):
 def test_member_layers_outside_vmap_are_the_plain_layers(name):
     (layer,) = _members(name)[:1]
     member = use_member_layers(copy.deepcopy(layer))
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, _in_channels(layer), 6, 6, dtype=torch.float64, requires_grad=True)
     out_plain = layer(x)
     out_member = member(x)
     torch.testing.assert_close(out_member, out_plain, rtol=0, atol=0)
@@ -116,7 +124,7 @@ def test_a_member_does_not_depend_on_how_many_share_the_batch(name):
     members = [LAYERS[name]() for _ in range(8)]
     skeleton = use_member_layers(copy.deepcopy(members[0]).to("meta"))
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 32, 4, 8, 8, generator=gen)
+    x = torch.randn(8, 32, _in_channels(members[0]), 8, 8, generator=gen)
 
     def run(group: list[nn.Module], xs: torch.Tensor):
         params, _ = stack_module_state(group)
@@ -130,3 +138,35 @@ def test_a_member_does_not_depend_on_how_many_share_the_batch(name):
     assert torch.equal(out8[3:], out5)
     for g8, g5 in zip(grads8, grads5, strict=True):
         assert torch.equal(g8[3:], g5)
+
+
+@pytest.mark.parametrize("size", [2, 5, 8, 15])
+@pytest.mark.parametrize("name", SMALL_INPUT_LAYERS)
+def test_small_input_convolution_does_not_depend_on_the_ensemble_size(name, size):
+    """Bitwise in float32: the last ``size`` of 16 members, in an ensemble of their own, get the
+    same outputs and weight, bias and input gradients. oneDNN's grouped convolution failed this
+    with 1 input channel per member on an AVX2 CPU (its kernel depends on the total input
+    channels ``K * C_in``: fewer than 8 and at least 8 summed in different orders); sizes on
+    both sides of 8 and of 16 (AVX-512's SIMD width) are compared."""
+    torch.manual_seed(0)
+    members = [LAYERS[name]() for _ in range(16)]
+    skeleton = use_member_layers(copy.deepcopy(members[0]).to("meta"))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 32, _in_channels(members[0]), 8, 8, generator=gen)
+
+    def run(group: list[nn.Module], xs: torch.Tensor):
+        params, _ = stack_module_state(group)
+        leaves = [xs.clone().requires_grad_(True)]
+        leaves += [value.requires_grad_(True) for value in params.values()]
+        out = vmap(lambda p, xx: functional_call(skeleton, p, (xx,)))(
+            dict(zip(params, leaves[1:], strict=True)), leaves[0]
+        )
+        gen_out = torch.Generator().manual_seed(2)
+        grad_out = torch.randn(16, *out.shape[1:], generator=gen_out)[16 - len(group) :]
+        return out, torch.autograd.grad(out, leaves, grad_out)
+
+    out_all, grads_all = run(members, x)
+    out_some, grads_some = run(members[16 - size :], x[16 - size :])
+    assert torch.equal(out_all[16 - size :], out_some)
+    for g_all, g_some in zip(grads_all, grads_some, strict=True):  # input, weight, bias
+        assert torch.equal(g_all[16 - size :], g_some)
