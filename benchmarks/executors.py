@@ -83,6 +83,17 @@ class LocalExecutor:
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str], desc: str = ""
     ) -> list[TaskOutcome]:
+        """Apply ``fn`` to each task in turn, retrying a task that raises.
+
+        Args:
+            fn: a top-level (picklable) function applied to each task.
+            tasks: the small picklable arguments, one per task.
+            keys: the artifact key of each task, same length as ``tasks`` (names it in reports).
+            desc: label of the progress bar.
+
+        Returns:
+            One outcome per task, in the order of ``tasks``.
+        """
         outcomes = []
         for task, key in tqdm(
             list(zip(tasks, keys, strict=True)), desc=desc, disable=not self.progress
@@ -122,6 +133,17 @@ class PoolExecutor:
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str], desc: str = ""
     ) -> list[TaskOutcome]:
+        """Apply ``fn`` to each task in the process pool, resubmitting a task that raises.
+
+        Args:
+            fn: a top-level (picklable) function applied to each task.
+            tasks: the small picklable arguments, one per task.
+            keys: the artifact key of each task, same length as ``tasks`` (names it in reports).
+            desc: label of the progress bar.
+
+        Returns:
+            One outcome per task, in the order of ``tasks``.
+        """
         results: dict[int, TaskOutcome] = {}
         attempts = [0] * len(tasks)
         context = multiprocessing.get_context("spawn")
@@ -185,6 +207,17 @@ class RayExecutor:
     def map(
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str], desc: str = ""
     ) -> list[TaskOutcome]:
+        """Apply ``fn`` to each task as a Ray remote task (Ray retries a task that raises).
+
+        Args:
+            fn: a top-level (picklable) function applied to each task.
+            tasks: the small picklable arguments, one per task.
+            keys: the artifact key of each task, same length as ``tasks`` (names it in reports).
+            desc: label of the progress bar.
+
+        Returns:
+            One outcome per task, in the order of ``tasks``.
+        """
         import ray  # deferred: optional extra [ray], only for --executor ray
 
         started_here = not ray.is_initialized()
@@ -237,7 +270,18 @@ def make_executor(
     max_retries: int = 1,
     progress: bool = True,
 ) -> LocalExecutor | PoolExecutor | RayExecutor:
-    """The executor called ``name`` (one of EXECUTOR_NAMES)."""
+    """The executor called ``name`` (one of EXECUTOR_NAMES).
+
+    Args:
+        name: ``"local"``, ``"pool"`` or ``"ray"``.
+        workers: worker processes of the pool; CPUs of a locally started Ray cluster.
+        ray_address: address of a running Ray cluster, or None to start a local one.
+        max_retries: extra attempts for a task that raises.
+        progress: show a progress bar.
+
+    Returns:
+        The configured executor.
+    """
     if name == "local":
         return LocalExecutor(max_retries=max_retries, progress=progress)
     if name == "pool":

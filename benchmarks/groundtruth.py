@@ -13,15 +13,12 @@ Trainer: a ground truth is trained by ONE path, chosen by ``ground_truth_trainer
   dropout (the digits presets): ``diffusion.ensemble.train_ensemble`` trains ``ensemble_size``
   models per vmapped step, member k with exactly the random streams of ``train_model(...,
   seed=k's seed)``. NOT bitwise equal to one-at-a-time training: the vmapped kernels round
-  differently (float64: equal to ~3e-14). Measured on the quick preset (8 models, full 1500-step
-  recipe, float32): weights differ by ~1e-4 max abs (relative L2 ~8e-6; two seeds: ~1.2), and
-  the ground-truth loss measurement (32 images x 256 common draws) by 1e-8 on average, about
-  4e-6 times its seed-to-seed difference (2.5e-3) and far below its seed standard deviation
-  (2e-3): the difference is immaterial to the LDS, which averages over seeds. A member's weights
-  do not depend on which other members share its ensemble (bitwise, CPU, fixed thread count),
-  so ``ensemble_size``, grouping and resumption never change the result. Throughput on one CPU
-  thread: 1.34x one-at-a-time training over the full recipe (36 vs 48 CPU s per model;
-  convolutions, ~60% of a step, gain nothing from batching).
+  differently (float64: equal to ~3e-14; in float32 the difference is far below the
+  seed-to-seed spread and immaterial to the LDS, which averages over seeds: measured figures in
+  ``perf/README.md``, "Ensemble training"). A member's weights do not depend on which other
+  members share its ensemble (bitwise, CPU, fixed thread count), so ``ensemble_size``, grouping
+  and resumption never change the result. Its throughput against one-at-a-time training is in
+  ``perf/README.md`` too.
 - ``"single"`` (``train_model``, one model per task) for U-Nets with dropout (the CIFAR
   presets: vmapped dropout cannot follow train_model's per-seed masks) or with
   ``ensemble_size=None``.
@@ -61,11 +58,12 @@ TRAINERS: tuple[str, ...] = ("single", "ensemble")
 """How a ground-truth model is trained: ``train_model`` one at a time, or ``train_ensemble``."""
 
 DEFAULT_ENSEMBLE_SIZE = 8
-"""Models per ensemble task. Quick preset, one CPU thread, end to end (8 models trained for 750
-steps, measured and stored): 1.44-1.47x the throughput of one model at a time in
-``perf/test_bench_groundtruth.py``; a run of the same protocol measured 8 and 16 members alike
-(1.52x, 1.53x), 4 is slower (~1.25x in shorter runs). 8 keeps tasks small enough for two pool
-workers or Ray to share the quick ground truth's 64 models."""
+"""Models per ensemble task.
+
+8 is where the end-to-end throughput gain of ``perf/test_bench_groundtruth.py`` levels off
+(figures in ``perf/README.md``, "Ensemble training"), and keeps tasks small enough for two pool
+workers or Ray to share the quick ground truth's 64 models.
+"""
 
 
 def subset_masks(n_train: int, setting: Setting) -> np.ndarray:
@@ -95,9 +93,21 @@ def model_spec(
     train_config: TrainConfig,
     trainer: str = "single",
 ) -> dict:
-    """The artifact spec of a model trained on ``positions`` with ``seed`` by ``trainer`` (one
-    of :data:`TRAINERS`); only ensemble-trained specs record it (``"trainer": "ensemble"``, with
-    ``diffusion.ensemble.ENSEMBLE_KERNELS``)."""
+    """The artifact spec of a model trained on ``positions`` with ``seed`` by ``trainer``.
+
+    Only ensemble-trained specs record the trainer (``"trainer": "ensemble"``, with
+    ``diffusion.ensemble.ENSEMBLE_KERNELS``), so single-trained keys are those of earlier caches.
+
+    Args:
+        setting: its data fingerprint and U-Net config.
+        positions: ``# [n_kept]`` the training positions (any order; hashed sorted).
+        seed: the training seed.
+        train_config: the training recipe.
+        trainer: one of :data:`TRAINERS`.
+
+    Returns:
+        The JSON-able spec of the ``"model"`` artifact.
+    """
     if trainer not in TRAINERS:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
     spec = {
@@ -126,8 +136,10 @@ def get_or_train_model(
     keep: bool = True,
     progress: bool = False,
 ) -> UNet:
-    """A model trained on ``train_images[positions]``: loaded when stored, else trained (and
-    stored when ``keep``); ``pipeline.get_or_train`` with :func:`model_spec`.
+    """A model trained on ``train_images[positions]``: loaded when stored, else trained.
+
+    ``pipeline.get_or_train`` with :func:`model_spec` (single trainer); a trained model is
+    stored when ``keep``.
 
     Args:
         setting: its U-Net config, schedule and data fingerprint.
@@ -139,6 +151,9 @@ def get_or_train_model(
         device: where to train.
         keep: store a trained model.
         progress: show a progress bar.
+
+    Returns:
+        The model on the CPU in eval mode (as ``pipeline.get_or_train`` returns it).
     """
 
     def train() -> UNet:
@@ -167,12 +182,23 @@ def get_or_train_models(
     keep: bool = True,
     progress: bool = False,
 ) -> list[UNet]:
-    """Ensemble-trained models, one per ``(positions, seed)`` member: loaded when stored, the
-    others trained together by ``train_ensemble`` (one ensemble per subset size) and stored
-    (when ``keep``) under their own ``model_spec(..., trainer="ensemble")`` keys.
+    """Ensemble-trained models, one per ``(positions, seed)`` member, loaded or trained.
 
-    Each stored member gets its own ``trainings.log`` line (after its save) with the ensemble's
-    time divided by the number of members trained.
+    Stored members are loaded; the others are trained together by ``train_ensemble`` (one
+    ensemble per subset size) and stored (when ``keep``) under their own
+    ``model_spec(..., trainer="ensemble")`` keys. Each trained member gets its own
+    ``trainings.log`` line (after its save) with the ensemble's time divided by the number of
+    members trained.
+
+    Args:
+        setting: its U-Net config, schedule and data fingerprint.
+        store: the artifact store.
+        train_images: ``# [n_train, C, H, W]`` the whole training set.
+        members: ``(positions # [n_kept], seed)`` of each model.
+        train_config: the training recipe, shared by all members.
+        device: where to train.
+        keep: store the trained models.
+        progress: show a progress bar.
 
     Returns:
         the models, in the order of ``members``.
@@ -211,6 +237,16 @@ def get_or_train_models(
 
 
 def measurement_spec(model_key: str, setting: Setting, target: str) -> dict:
+    """The artifact spec of measurement ``target`` of a model on the setting's queries.
+
+    Args:
+        model_key: the store key of the measured model.
+        setting: its queries' fingerprint and ``gt_mc_samples``.
+        target: the measurement name (e.g. ``"loss"``, ``"elbo"``).
+
+    Returns:
+        The JSON-able spec of the ``"measurement"`` artifact.
+    """
     return {
         "model": model_key,
         "queries": queries_spec(setting, with_trajectories=False),
@@ -243,6 +279,7 @@ class GroundTruthTask:
 
     @property
     def train_seed(self) -> int:
+        """The training seed of this model (:func:`ground_truth_seed`)."""
         return ground_truth_seed(self.setting, self.subset, self.seed_index)
 
 
@@ -282,13 +319,25 @@ class EnsembleTask:
 
 
 def ground_truth_seed(setting: Setting, subset: int, seed_index: int) -> int:
-    """The training seed of ground-truth model (subset m, seed index k)."""
+    """The training seed of ground-truth model (subset m, seed index k).
+
+    Args:
+        setting: its seed, from which every ground-truth seed is derived.
+        subset: subset index m in [0, M).
+        seed_index: seed index k in [0, K).
+
+    Returns:
+        A 63-bit seed (:func:`benchmarks.pipeline.derived_seed`).
+    """
     return derived_seed(setting.seed, "ground-truth", subset, seed_index)
 
 
 def ground_truth_trainer(setting: Setting, ensemble_size: int | None) -> str:
-    """The one trainer of the ground truth: ``"ensemble"`` when ``ensemble_size`` is given and
-    the U-Net has no dropout, else ``"single"`` (see the module docstring)."""
+    """The one trainer of the ground truth (see the module docstring).
+
+    ``"ensemble"`` when ``ensemble_size`` is given and the U-Net has no dropout, else
+    ``"single"``.
+    """
     if ensemble_size is not None and (
         not isinstance(ensemble_size, int) or isinstance(ensemble_size, bool) or ensemble_size < 1
     ):
@@ -375,10 +424,10 @@ def run_ground_truth_task(task: GroundTruthTask) -> dict[str, np.ndarray]:
 
 
 def run_ensemble_task(task: EnsembleTask) -> tuple[dict[str, np.ndarray], ...]:
-    """Train (or load) several subset models, the missing ones as one ensemble, and measure
-    them; every model and measurement is stored under its own key.
+    """Train (or load) several subset models, the missing ones as one ensemble, and measure them.
 
-    Members whose measurements are all stored are neither loaded nor trained.
+    Every model and measurement is stored under its own key. Members whose measurements are all
+    stored are neither loaded nor trained.
 
     Returns:
         per member (in ``task.members`` order): target name -> ``# [n_queries]`` measurements.
@@ -435,7 +484,18 @@ def ground_truth_tasks(
     data_dir: str | None = None,
     device: str = "cpu",
 ) -> list[GroundTruthTask]:
-    """All (subset, seed) tasks, seed-major so that K = 1 results arrive first."""
+    """All (subset, seed) tasks, seed-major so that K = 1 results arrive first.
+
+    Args:
+        setting: the benchmark setting (M subsets, K seeds).
+        store: the artifact store; its root is passed to the tasks.
+        targets: measurement names to record.
+        data_dir: where CIFAR lives, if needed.
+        device: device string for training and measuring.
+
+    Returns:
+        ``M * K`` tasks, all of seed 0 first.
+    """
     return [
         GroundTruthTask(setting, str(store.root), data_dir, m, k, tuple(targets), device)
         for k in range(setting.n_seeds)
@@ -452,8 +512,21 @@ def ensemble_tasks(
     data_dir: str | None = None,
     device: str = "cpu",
 ) -> list[EnsembleTask]:
-    """All (subset, seed) models in consecutive groups of ``ensemble_size`` (the last one may
-    be smaller), seed-major like ``ground_truth_tasks``."""
+    """All (subset, seed) models in consecutive groups of ``ensemble_size``.
+
+    Seed-major like ``ground_truth_tasks``; the last group may be smaller.
+
+    Args:
+        setting: the benchmark setting (M subsets, K seeds); its U-Net must have no dropout.
+        store: the artifact store; its root is passed to the tasks.
+        targets: measurement names to record.
+        ensemble_size: models per task.
+        data_dir: where CIFAR lives, if needed.
+        device: device string for training and measuring.
+
+    Returns:
+        ``ceil(M * K / ensemble_size)`` tasks.
+    """
     if ground_truth_trainer(setting, ensemble_size) != "ensemble":
         raise ValueError(
             f"ensemble tasks need a U-Net without dropout (got dropout={setting.unet.dropout}): "
@@ -486,11 +559,27 @@ def compute_ground_truth(
 ) -> GroundTruth:
     """Run (or resume) every ground-truth task and assemble the arrays.
 
-    ``ensemble_size``: models per ensemble task (``ground_truth_trainer`` picks the trainer:
-    ensembles for U-Nets without dropout, else one model per task); None trains one model per
-    task with ``train_model``. Ensemble- and single-trained models have different keys.
-    Requires the queries to be stored already (``pipeline.get_queries``).
-    Raises ``TaskFailedError`` naming the failed tasks after the others completed.
+    Requires the queries to be stored already (``pipeline.get_queries``). Ensemble- and
+    single-trained models have different keys.
+
+    Args:
+        setting: the benchmark setting (M subsets, K seeds, measurement protocol).
+        store: the artifact store every task reads and writes.
+        targets: measurement names to record.
+        n_train: the training set size (the masks' width).
+        executor: runs the tasks (``benchmarks.executors``); None: a ``LocalExecutor``.
+        data_dir: where CIFAR lives, if needed.
+        device: device string for training and measuring.
+        ensemble_size: models per ensemble task (``ground_truth_trainer`` picks the trainer:
+            ensembles for U-Nets without dropout, else one model per task); None trains one
+            model per task with ``train_model``.
+
+    Returns:
+        The masks ``# [n_subsets, n_train]`` and, per target, the measurements
+        ``# [n_seeds, n_subsets, n_queries]``.
+
+    Raises:
+        TaskFailedError: naming the failed tasks, after the others completed.
     """
     executor = executor or LocalExecutor()
     by_pair: dict[tuple[int, int], dict[str, np.ndarray]] = {}

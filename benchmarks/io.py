@@ -1,5 +1,6 @@
-"""The harness's one copy of each small I/O helper: JSON conversion, durable and atomic file
-writes, and byte digests.
+"""The harness's one copy of each small I/O helper.
+
+JSON conversion, durable and atomic file writes, and byte digests:
 
 - :func:`to_jsonable` / :func:`canonical_json`: plain JSON types from configs, numpy/torch values,
   dataclasses and paths; the canonical text is what artifact keys hash (``benchmarks.store``).

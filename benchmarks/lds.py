@@ -159,8 +159,11 @@ _BITS = {None: 32, "int16": 16, "int8": 8}
 
 
 def _variants(config: LDSConfig, defaults: dict[str, Any]) -> list[dict[str, Any]]:
-    """The option sets one method is evaluated with: dampings (``--damping``,
-    ``--damping-sweep``) and, with ``--compression-ablation``, query-gradient quantisations."""
+    """The option sets one method is evaluated with.
+
+    Dampings (``--damping``, ``--damping-sweep``) and, with ``--compression-ablation``,
+    query-gradient quantisations.
+    """
     dampings: list[dict[str, Any]] = [{}]
     if "damping" in defaults and config.damping_sweep:
         dampings = [{"damping": d} for d in config.sweep]
@@ -172,8 +175,10 @@ def _variants(config: LDSConfig, defaults: dict[str, Any]) -> list[dict[str, Any
 
 
 def run(config: LDSConfig) -> LDSResult:
-    """Run the LDS benchmark described by ``config``: prepare, evaluate every cell, pair the
-    methods, write the tables and the run record."""
+    """Run the LDS benchmark described by ``config``.
+
+    Prepare, evaluate every cell, pair the methods, write the tables and the run record.
+    """
     run_name = run_label(config.methods)
     prepared = prepare(config)
     with prepared.stages.stage("cells"):
@@ -203,8 +208,10 @@ def _needs_trajectories(config: LDSConfig) -> bool:
 def _get_queries(
     config: LDSConfig, setting: Setting, store: ArtifactStore, model: UNet, device: torch.device
 ) -> QuerySet:
-    """The queries, with trajectories when a measurement needs them (the plain set is stored
-    too: the ground truth reads it)."""
+    """The queries, with trajectories when a measurement needs them.
+
+    The plain set is stored too: the ground truth reads it.
+    """
     with_trajectories = _needs_trajectories(config)
     queries = get_queries(
         setting,
@@ -240,8 +247,10 @@ def _ground_truth(
 
 
 def prepare(config: LDSConfig) -> PreparedRun:
-    """Validate the input, then get (train or load) the data, the base model, the queries and
-    the ground truth, each a timed stage."""
+    """Validate the input, then get (train or load) the data, base model, queries, ground truth.
+
+    Each of the four is a timed stage.
+    """
     setting, device = prepare_run(
         config.preset,
         config.overrides,
@@ -270,8 +279,11 @@ def prepare(config: LDSConfig) -> PreparedRun:
 
 
 def evaluate_cells(config: LDSConfig, prepared: PreparedRun) -> Cells:
-    """Every cell of the table, per target: the noise ceiling (K >= 2), then each method with
-    each of its option variants (:func:`_variants`)."""
+    """Every cell of the table, per target.
+
+    The noise ceiling (K >= 2), then each method with each of its option variants
+    (:func:`_variants`).
+    """
     cells = Cells()
     for target in config.targets:
         if prepared.setting.n_seeds >= 2:
@@ -311,8 +323,11 @@ def _evaluate_cell(
     variant: dict[str, Any],
     defaults: dict[str, Any],
 ) -> None:
-    """Run method ``name`` with ``variant`` to predict ``target``; add its row (and per-query
-    LDS, paired-difference entry and Figure 1 scores) to ``cells``."""
+    """Run method ``name`` with ``variant`` to predict ``target``; add its results to ``cells``.
+
+    Its results: its row, and (when ok) its per-query LDS, paired-difference entry and Figure 1
+    scores.
+    """
     preset = prepared.setting.name
     options = {**dict(prepared.setting.method_options), **config.options, **variant}
     outcome = run_method(
@@ -402,8 +417,11 @@ def paired_differences(
 def _write_figure_inputs(
     out_dir: Path, run_name: str, prepared: PreparedRun, cells: Cells
 ) -> dict[str, Path]:
-    """Figure 17's input (one measurement by two seeds of subset 0, when K >= 2) per target
-    and Figure 1's (queries, training set, scores) per method with scores."""
+    """Write Figure 17's input per target and Figure 1's per method with scores.
+
+    Figure 17's: one measurement by two seeds of subset 0, when K >= 2. Figure 1's: queries,
+    training set and scores.
+    """
     files = {}
     truth, setting = prepared.truth, prepared.setting
     if setting.n_seeds >= 2:
@@ -433,8 +451,9 @@ def write_run(
     tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
     run_name: str,
 ) -> dict[str, Path]:
-    """Write the figure inputs, the tables and the run record into
-    ``<out>/lds/<preset>/<run_name>.*``.
+    """Write the figure inputs, the tables and the run record into ``<out>/lds/<preset>/``.
+
+    Every file is named ``<run_name>.*``.
 
     Args:
         config: the run's config.
@@ -473,6 +492,7 @@ def _print_report(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks.lds`` (read by :func:`config_from_args`)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.lds",
         description=__doc__.split("\n\n")[0] + " Defaults: the embedded digits2 data, quick "

@@ -25,8 +25,21 @@ from methods import available_methods
 
 
 def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -> str:
-    """The ranked Markdown table: ok rows by LDS, then the unavailable/failed ones; methods are
-    shown by their registry display name and registry name."""
+    """The ranked Markdown leaderboard: ok rows by LDS, then the unavailable/failed ones.
+
+    Methods are shown by their registry display name and registry name; the noise ceiling row
+    has no rank.
+
+    Args:
+        summary: one row per method (the summary frame): ``method``, ``status``, ``reason``,
+            ``lds_mean``, ``lds_se``, ``seconds``, ``peak_memory_mb``.
+        provenance: :func:`benchmarks.provenance.collect_provenance`'s record (commit,
+            package versions, timestamp, machine) for the footer.
+        preset: the preset's name, in the title.
+
+    Returns:
+        The Markdown text, ending with a newline.
+    """
 
     def name(method: str) -> str:
         label = method_label(method)

@@ -240,7 +240,16 @@ def lds_per_query(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def lds_from_scores(scores: np.ndarray, masks: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """``lds_per_query(predictions_from_scores(scores, masks), targets)``: ``[n_queries]``."""
+    """The per-query LDS of attribution scores: ``lds_per_query(predictions_from_scores(...))``.
+
+    Args:
+        scores: ``[n_queries, n_train]`` attribution scores.
+        masks: ``[n_subsets, n_train]`` boolean, True where the example is kept.
+        targets: ``[n_subsets, n_queries]`` measured (seed-averaged) targets.
+
+    Returns:
+        ``[n_queries]`` float64; NaN where predictions or targets are constant across subsets.
+    """
     return lds_per_query(predictions_from_scores(scores, masks), targets)
 
 

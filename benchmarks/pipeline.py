@@ -1,9 +1,9 @@
-"""The shared, cached inputs of every benchmark: training set, base model, generated queries,
-and the measurement protocol applied to any model.
+"""The shared, cached inputs of every benchmark, and the measurement protocol of any model.
 
-Each expensive product is stored in the artifact store under a key derived from exactly the
-settings that determine it (``Setting.fingerprint``), so changing M or K keeps the base model
-and the queries, and a second method run reuses everything.
+The inputs are the training set, the base model and the generated queries. Each expensive
+product is stored in the artifact store under a key derived from exactly the settings that
+determine it (``Setting.fingerprint``), so changing M or K keeps the base model and the
+queries, and a second method run reuses everything.
 """
 
 from __future__ import annotations
@@ -30,8 +30,16 @@ TRAINING_LOG = "trainings.log"
 
 
 def log_training(store: ArtifactStore, key: str, seconds: float) -> None:
-    """Append one line per finished training to ``<store>/trainings.log`` (O_APPEND: safe for
-    concurrent workers); users and tests read it to see what was (re)trained."""
+    """Append one line per finished training to ``<store>/trainings.log``.
+
+    Written with O_APPEND, so safe for concurrent workers; users and tests read it to see what
+    was (re)trained.
+
+    Args:
+        store: the artifact store whose root holds the log.
+        key: the store key of the trained model.
+        seconds: the training's wall-clock time.
+    """
     Path(store.root).mkdir(parents=True, exist_ok=True)
     line = f"{time.time():.3f}\t{key}\t{seconds:.2f}\t{os.getpid()}\n"
     fd = os.open(Path(store.root) / TRAINING_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -72,7 +80,17 @@ def load_train_set(setting: Setting, data_dir: str | Path | None = None) -> Imag
 
 
 def load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> UNet:
-    """The stored model ``(kind, spec)``: a ``setting.unet`` U-Net on the CPU, in eval mode."""
+    """The stored model ``(kind, spec)``: a ``setting.unet`` U-Net on the CPU, in eval mode.
+
+    Args:
+        store: the artifact store.
+        kind: artifact kind (``"base-model"``, ``"model"``).
+        spec: the model's spec.
+        setting: its U-Net config.
+
+    Returns:
+        The model with the stored state dict loaded.
+    """
     model = UNet(setting.unet)
     model.load_state_dict(store.load_state_dict(kind, spec))
     return model.eval()
@@ -87,8 +105,10 @@ def get_or_train(
     *,
     keep: bool = True,
 ) -> UNet:
-    """The one get-or-train path of every model: loaded when ``(kind, spec)`` is stored, else
-    ``train()``, stored when ``keep``, and logged (:func:`log_training`, after the save).
+    """The one get-or-train path of every model: loaded when ``(kind, spec)`` is stored.
+
+    Otherwise ``train()``, stored when ``keep``, and logged (:func:`log_training`, after the
+    save).
 
     Args:
         store: the artifact store.
@@ -115,6 +135,7 @@ def get_or_train(
 
 
 def base_model_spec(setting: Setting) -> dict:
+    """The artifact spec of the base model (the setting's ``base_model`` fingerprint)."""
     return setting.fingerprint("base_model")
 
 
@@ -126,7 +147,18 @@ def get_base_model(
     device: torch.device,
     progress: bool = True,
 ) -> UNet:
-    """The model trained on the full training set (trained once, then loaded)."""
+    """The model trained on the full training set (trained once, then loaded).
+
+    Args:
+        setting: its U-Net config, training recipe, seed and schedule.
+        store: the artifact store.
+        train_set: the setting's training set (:func:`load_train_set`).
+        device: where to train.
+        progress: show a progress bar.
+
+    Returns:
+        The base model on the CPU, in eval mode.
+    """
 
     def train() -> UNet:
         return train_model(
@@ -156,6 +188,7 @@ class QuerySet:
 
 
 def queries_spec(setting: Setting, with_trajectories: bool) -> dict:
+    """The artifact spec of the queries, with or without their sampling trajectories."""
     return {**setting.fingerprint("queries"), "trajectories": with_trajectories}
 
 
@@ -168,7 +201,20 @@ def get_queries(
     with_trajectories: bool = False,
     progress: bool = True,
 ) -> QuerySet:
-    """``setting.n_queries`` samples of the base model (generated once, then loaded)."""
+    """``setting.n_queries`` samples of the base model (generated once, then loaded).
+
+    Args:
+        setting: number of queries, seed and schedule.
+        store: the artifact store.
+        model: the base model (moved to ``device`` to sample, then back to the CPU).
+        device: where to sample.
+        with_trajectories: also keep each sample's trajectory (for ``trajectory-logprob``).
+        progress: show a progress bar.
+
+    Returns:
+        The stored queries: images ``# [n_queries, C, H, W]`` and, with
+        ``with_trajectories``, trajectories ``# [n_queries, T + 1, C, H, W]``.
+    """
     spec = queries_spec(setting, with_trajectories)
 
     def generate() -> dict[str, torch.Tensor]:
@@ -193,7 +239,17 @@ def get_queries(
 
 
 def measurement_draws(setting: Setting, query: int, n_samples: int, image_shape) -> MCDraws:
-    """The common random numbers of query ``query``: the same for every model measured."""
+    """The common random numbers of query ``query``: the same for every model measured.
+
+    Args:
+        setting: its seed and schedule.
+        query: the query's index.
+        n_samples: S, the number of (t, eps) draws.
+        image_shape: ``(C, H, W)`` of the query.
+
+    Returns:
+        The draws: t ``# [1, S]`` and eps ``# [1, S, C, H, W]``.
+    """
     generator = torch.Generator().manual_seed(derived_seed(setting.seed, "measure", query))
     return draw_mc(
         1, n_samples, tuple(image_shape), setting.schedule.num_timesteps, generator=generator
@@ -209,8 +265,17 @@ def measure_queries(
     n_samples: int,
     device: torch.device,
 ) -> np.ndarray:
-    """Measurement ``name`` of ``model`` on every query, with the ground truth's common random
-    numbers (one fixed set of draws per query, whatever the model).
+    """Measurement ``name`` of ``model`` on every query, with the ground truth's common draws.
+
+    The common random numbers are one fixed set of draws per query, whatever the model.
+
+    Args:
+        model: the model to measure (moved to ``device``, in eval mode).
+        setting: its seed and schedule (the draws).
+        queries: the queries (with trajectories for ``trajectory-logprob``).
+        name: the measurement (``diffusion.measurements``).
+        n_samples: draws per query.
+        device: where to measure.
 
     Returns:
         ``# [n_queries]`` float64.
@@ -230,9 +295,19 @@ def measure_queries_many(
     n_samples: int,
     device: torch.device,
 ) -> dict[str, np.ndarray]:
-    """:func:`measure_queries` of several measurements, sharing the model forwards of those
-    evaluated at the same draws (``diffusion.measurements.measure_many``: ``loss`` and ``elbo``
-    cost one forward per draw, not two). Query by query: batches of ``n_samples`` rows.
+    """:func:`measure_queries` of several measurements, sharing the model forwards they can.
+
+    Measurements evaluated at the same draws share the forwards
+    (``diffusion.measurements.measure_many``: ``loss`` and ``elbo`` cost one forward per draw,
+    not two). Query by query: batches of ``n_samples`` rows.
+
+    Args:
+        model: the model to measure (moved to ``device``, in eval mode).
+        setting: its seed and schedule (the draws).
+        queries: the queries (with trajectories for ``trajectory-logprob``).
+        names: the measurements.
+        n_samples: draws per query.
+        device: where to measure.
 
     Returns:
         name -> ``# [n_queries]`` float64, each bitwise :func:`measure_queries`' value.

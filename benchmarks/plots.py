@@ -127,8 +127,11 @@ def _substituted(measurement: str, target: str) -> bool:
 
 
 def method_label(method: str) -> str:
-    """Label of a method in tables and figures: its registry display name, the noise ceiling's
-    label, or the name itself for a method not registered here."""
+    """Label of a method in tables and figures.
+
+    Its registry display name, the noise ceiling's label, or the name itself for a method not
+    registered here.
+    """
     if method == NOISE_CEILING_METHOD:
         return NOISE_CEILING_LABEL
     return REGISTRY.get(method).display_name if method in REGISTRY else method
@@ -143,9 +146,20 @@ def method_sort_key(method: str) -> tuple[int, str]:
 
 
 def bar_label(method: str, measurement: str, target: str, labels: Mapping[str, str]) -> str:
-    """Row label of a bar: the method's display name, plus ``(m. <measurement>)`` when the
-    method used a measurement other than the target (the paper's "m. loss" rows) and its name
-    does not already say so."""
+    """Row label of a bar: the method's display name, plus ``(m. <measurement>)`` if substituted.
+
+    The suffix is added when the method used a measurement other than the target (the paper's
+    "m. loss" rows) and its name does not already say so.
+
+    Args:
+        method: the method's registry name.
+        measurement: the measurement the method used.
+        target: the target the row predicts.
+        labels: method -> label overrides of the display name.
+
+    Returns:
+        The label.
+    """
     name = labels.get(method, method_label(method))
     suffix = f" (m. {measurement})"
     substituted = _substituted(measurement, target) and not name.endswith(suffix)
@@ -153,8 +167,11 @@ def bar_label(method: str, measurement: str, target: str, labels: Mapping[str, s
 
 
 def in_table_order(table: pd.DataFrame, target: str) -> pd.DataFrame:
-    """Rows of a table with ``method`` and ``measurement`` columns in table order: by method
-    (:func:`method_sort_key`), a method's own measurement before a substituted one (stable)."""
+    """Rows of a table with ``method`` and ``measurement`` columns in table order.
+
+    By method (:func:`method_sort_key`), a method's own measurement before a substituted one
+    (stable).
+    """
     keys = [
         (method_sort_key(m), _substituted(me, target))
         for m, me in zip(table["method"], table["measurement"], strict=True)
@@ -164,8 +181,10 @@ def in_table_order(table: pd.DataFrame, target: str) -> pd.DataFrame:
 
 
 def _unique(labels: Sequence[str], methods: Sequence[str]) -> list[str]:
-    """``labels`` made unique for a categorical axis: a repeated label gets ``[<method>]``,
-    then a running number if it still repeats."""
+    """``labels`` made unique for a categorical axis.
+
+    A repeated label gets ``[<method>]``, then a running number if it still repeats.
+    """
     counts = pd.Series(labels).value_counts()
     out = [
         f"{lab} [{m}]" if counts[lab] > 1 else lab for lab, m in zip(labels, methods, strict=True)
@@ -234,8 +253,10 @@ def _bars_with_errors(
     error_label: str = "s.e.",
     **barplot_kws: object,
 ) -> dict[tuple[str, str], Rectangle]:
-    """seaborn bars of ``bars["value"]`` (one row per bar, keyed by ``category`` and ``hue``)
-    with the precomputed ``bars["se"]`` as error bars (none where NaN).
+    """Draw seaborn bars of ``bars["value"]`` with the precomputed ``bars["se"]`` as error bars.
+
+    One row of ``bars`` per bar, keyed by ``category`` and ``hue``; no error bar where the s.e.
+    is NaN.
 
     Returns:
         (category, hue level) -> the bar drawn for it.
@@ -410,7 +431,21 @@ def lds_bars_figure(
     preset: str | None = None,
     title: str | None = None,
 ) -> Figure:
-    """The figure of :func:`plot_lds_bars` (same arguments, no output path)."""
+    """The figure of :func:`plot_lds_bars` (same arguments, no output path).
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        target: the ``target`` column value to plot (e.g. ``"loss"``, ``"elbo"``).
+        default_damping: method -> default damping (for the bracketed number); None: the
+            registry's (:func:`methods.registry.default_dampings`).
+        methods: methods to show, in this order (default: every method, in table order).
+        labels: method -> display label overrides (default: the registry's display names).
+        preset: which preset to plot (required when the table holds several).
+        title: figure title (default: ``"LDS, target: <target>"``).
+
+    Returns:
+        The figure (not managed by pyplot).
+    """
     df = _one_preset(validate_summary(summary_df), preset)
     df = df[df["target"] == target]
     if df.empty:
@@ -511,6 +546,9 @@ def plot_lds_bars(
         labels: method -> display label overrides (default: the registry's display names).
         preset: which preset to plot (required when the table holds several).
         title: figure title (default: ``"LDS, target: <target>"``).
+
+    Returns:
+        ``out_path``.
     """
     fig = lds_bars_figure(
         summary_df,
@@ -532,8 +570,21 @@ def plot_hessian_ablation(
     default_damping: Mapping[str, float] | None = None,
     preset: str | None = None,
 ) -> Path:
-    """Figure 4 style: LDS % of the K-FAC Hessian variants (:data:`HESSIAN_ABLATION_METHODS`)
-    and exact retraining, best damping with the default marked (as :func:`plot_lds_bars`)."""
+    """Figure 4 style: LDS % of the K-FAC Hessian variants and exact retraining.
+
+    The variants are :data:`HESSIAN_ABLATION_METHODS`; bars show the best damping with the
+    default marked (as :func:`plot_lds_bars`).
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        out_path: PNG path to write.
+        target: the ``target`` column value to plot.
+        default_damping: method -> default damping; None: the registry's.
+        preset: which preset to plot (required when the table holds several).
+
+    Returns:
+        ``out_path``.
+    """
     return plot_lds_bars(
         summary_df,
         out_path,
@@ -550,9 +601,11 @@ def plot_hessian_ablation(
 
 
 def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The sweep's tidy frame: one row per ``ok`` summary row, with ``label`` (per target),
-    ``value``/``lo``/``hi`` (LDS % and ± s.e.) and ``swept`` (positive damping), sorted by
-    target, table order and damping."""
+    """The sweep's tidy frame: one row per ``ok`` summary row, with label, values and flags.
+
+    Columns added: ``label`` (per target), ``value``/``lo``/``hi`` (LDS % and ± s.e.) and
+    ``swept`` (positive damping); rows sorted by target, table order and damping.
+    """
     rows = df.copy()
     rows["label"] = [
         bar_label(m, me, t, {})
@@ -584,9 +637,11 @@ def _band(data: pd.DataFrame, color: str, label: str | None = None, **_: object)
 def _finish_sweep_panel(
     ax: Axes, panel: pd.DataFrame, palette: Mapping[str, object], defaults: Mapping[str, float]
 ) -> None:
-    """Add to one sweep panel (one target's rows of :func:`_sweep_rows`) what the FacetGrid
-    does not draw: the methods without damping (dotted lines), the noise ceiling and the
-    default-damping diamonds; then the log damping axis."""
+    """Add to one sweep panel what the FacetGrid does not draw; then the log damping axis.
+
+    The panel holds one target's rows of :func:`_sweep_rows`; added are the methods without
+    damping (dotted lines), the noise ceiling and the default-damping diamonds.
+    """
     for label, rows in panel[~panel["swept"]].groupby("label", sort=False):
         if label == NOISE_CEILING_LABEL:
             for c in rows.itertuples(index=False):
@@ -619,7 +674,18 @@ def damping_sweep_figure(
     targets: Sequence[str] | None = None,
     default_damping: Mapping[str, float] | None = None,
 ) -> Figure:
-    """The figure of :func:`plot_damping_sweep` (same arguments, no output path)."""
+    """The figure of :func:`plot_damping_sweep` (same arguments, no output path).
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        preset: which preset to plot (required when the table holds several).
+        targets: targets to show, one panel each (default: every target with swept rows;
+            per-timestep targets are never shown).
+        default_damping: method -> default damping (the diamonds); None: the registry's.
+
+    Returns:
+        The FacetGrid's figure.
+    """
     df = _one_preset(validate_summary(summary_df), preset)
     df = df[(df["status"] == "ok") & df["lds_mean"].notna()]
     df = df[~df["target"].str.startswith("timestep-loss:")]
@@ -676,11 +742,24 @@ def plot_damping_sweep(
     targets: Sequence[str] | None = None,
     default_damping: Mapping[str, float] | None = None,
 ) -> Path:
-    """Figures 7-10 style: LDS % against damping (log x axis), a seaborn FacetGrid with one
-    panel per target and one line (± s.e. band) per (method, measurement); a hollow diamond
-    marks each method's default damping (``default_damping``, None: the registry's); methods
-    without damping are dotted horizontal reference lines, the noise ceiling a dashed line
-    with a ± s.e. band. Only ``ok`` rows are used."""
+    """Figures 7-10 style: LDS % against damping (log x axis), one panel per target.
+
+    A seaborn FacetGrid with one line (± s.e. band) per (method, measurement); a hollow diamond
+    marks each method's default damping; methods without damping are dotted horizontal
+    reference lines, the noise ceiling a dashed line with a ± s.e. band. Only ``ok`` rows are
+    used.
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        out_path: PNG path to write.
+        preset: which preset to plot (required when the table holds several).
+        targets: targets to show, one panel each (default: every target with swept rows;
+            per-timestep targets are never shown).
+        default_damping: method -> default damping (the diamonds); None: the registry's.
+
+    Returns:
+        ``out_path``.
+    """
     fig = damping_sweep_figure(
         summary_df, preset=preset, targets=targets, default_damping=default_damping
     )
@@ -759,8 +838,11 @@ def retrain_figure(retrain_df: pd.DataFrame) -> Figure:
 
 
 def plot_retrain_changes(retrain_df: pd.DataFrame, out_path: str | Path) -> Path:
-    """Figure 3 style: change in loss after retraining without the top influences; seaborn
-    bars grouped by method (table order), one bar per removal fraction, error bars = s.e."""
+    """Figure 3 style: change in loss after retraining without the top influences.
+
+    Seaborn bars grouped by method (table order), one bar per removal fraction, error bars =
+    s.e.
+    """
     return _save(retrain_figure(retrain_df), out_path)
 
 
@@ -768,8 +850,11 @@ def plot_retrain_changes(retrain_df: pd.DataFrame, out_path: str | Path) -> Path
 
 
 def _compression_rows(compression_df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Figure 6's tidy frame (``bits`` as ``int<b>`` or ``none``, ``metric``, ``value`` and
-    ``se`` in percent) and the bit-width categories in axis order."""
+    """Figure 6's tidy frame and the bit-width categories in axis order.
+
+    The frame's columns: ``bits`` (``int<b>`` or ``none``), ``metric``, ``value`` and ``se``
+    (in percent).
+    """
     missing = [c for c in ("bits", "metric", "value") if c not in compression_df]
     if missing:
         raise ValueError(f"compression table is missing column(s) {missing}.")
@@ -823,14 +908,18 @@ def compression_figure(compression_df: pd.DataFrame) -> Figure:
 
 
 def plot_compression(compression_df: pd.DataFrame, out_path: str | Path) -> Path:
-    """Figure 6 style: a metric (LDS, or rank/Pearson correlation with the uncompressed scores)
-    per quantisation bit width, seaborn bars grouped by metric, error bars from an optional
-    ``se``.
+    """Figure 6 style: a metric per quantisation bit width, seaborn bars grouped by metric.
+
+    A metric is the LDS, or the rank/Pearson correlation with the uncompressed scores; error
+    bars come from an optional ``se``.
 
     Args:
         compression_df: columns ``bits`` (int; NaN = uncompressed, shown as "none"), ``metric``
             (text), ``value`` (fraction), optional ``se``.
         out_path: PNG path to write.
+
+    Returns:
+        ``out_path``.
     """
     return _save(compression_figure(compression_df), out_path)
 
@@ -855,6 +944,12 @@ def timestep_matrix(
     Uses the ``ok`` rows of ``method`` whose ``measurement`` and ``target`` are both
     ``"timestep-loss:<t>"``; rows and columns are sorted by ``t``. When a cell has rows for
     several dampings, ``damping`` must choose one (ValueError otherwise).
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        method: the method whose rows are used.
+        damping: the damping to use when a cell has several; None: the only one.
+        preset: which preset to use (required when the table holds several).
 
     Returns:
         DataFrame of LDS fractions, index = measurement timesteps, columns = target timesteps
@@ -890,7 +985,17 @@ def timestep_heatmap_figure(
     damping: float | None = None,
     preset: str | None = None,
 ) -> Figure:
-    """The figure of :func:`plot_timestep_heatmap` (same arguments, no output path)."""
+    """The figure of :func:`plot_timestep_heatmap` (same arguments, no output path).
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        method: the method whose rows are shown.
+        damping: the damping to use when a cell has several; None: the only one.
+        preset: which preset to plot (required when the table holds several).
+
+    Returns:
+        The figure (not managed by pyplot).
+    """
     matrix = 100 * timestep_matrix(summary_df, method=method, damping=damping, preset=preset)
     fig = Figure(figsize=(1.5 + 0.7 * matrix.shape[1], 1.2 + 0.55 * matrix.shape[0]))
     ax = fig.add_subplot()
@@ -917,8 +1022,21 @@ def plot_timestep_heatmap(
     damping: float | None = None,
     preset: str | None = None,
 ) -> Path:
-    """Figure 11 style: seaborn heatmap of LDS % (annotated) of per-timestep loss measurements
-    (rows) against per-timestep targets (columns), from :func:`timestep_matrix`."""
+    """Figure 11 style: seaborn heatmap of LDS % of per-timestep measurements against targets.
+
+    Annotated cells; rows are per-timestep loss measurements, columns per-timestep targets,
+    from :func:`timestep_matrix`.
+
+    Args:
+        summary_df: summary table (``benchmarks.results`` schema).
+        out_path: PNG path to write.
+        method: the method whose rows are shown.
+        damping: the damping to use when a cell has several; None: the only one.
+        preset: which preset to plot (required when the table holds several).
+
+    Returns:
+        ``out_path``.
+    """
     fig = timestep_heatmap_figure(summary_df, method=method, damping=damping, preset=preset)
     return _save(fig, out_path)
 
@@ -945,7 +1063,18 @@ def model_correlation_figure(
     label_b: str = "model B",
     measurement: str = "elbo",
 ) -> Figure:
-    """The figure of :func:`plot_model_correlation` (same arguments, no output path)."""
+    """The figure of :func:`plot_model_correlation` (same arguments, no output path).
+
+    Args:
+        values_a: ``# [n_queries]`` measurements by the first model.
+        values_b: ``# [n_queries]`` measurements by the second model.
+        label_a: name of the first model (x axis).
+        label_b: name of the second model (y axis).
+        measurement: name of the measurement (axis labels).
+
+    Returns:
+        The figure (not managed by pyplot).
+    """
     r, rho = correlations(values_a, values_b)
     fig = Figure(figsize=(4.0, 4.0))
     ax = fig.add_subplot()
@@ -969,8 +1098,9 @@ def plot_model_correlation(
     label_b: str = "model B",
     measurement: str = "elbo",
 ) -> Path:
-    """Figure 17 style: scatter of one measurement on the same queries (``[n_queries]`` each) as
-    measured by two separately trained models, with Pearson r and Spearman rho in the title.
+    """Figure 17 style: scatter of one measurement on the same queries by two models.
+
+    The two models are trained separately; Pearson r and Spearman rho are in the title.
 
     Args:
         values_a: ``[n_queries]`` measurements by the first model.
@@ -979,6 +1109,9 @@ def plot_model_correlation(
         label_a: name of the first model (x axis).
         label_b: name of the second model (y axis).
         measurement: name of the measurement (axis labels).
+
+    Returns:
+        ``out_path``.
     """
     fig = model_correlation_figure(
         values_a, values_b, label_a=label_a, label_b=label_b, measurement=measurement
@@ -1036,7 +1169,17 @@ def image_for_display(image: np.ndarray) -> np.ndarray:
 def influence_grid_figure(
     query_images: np.ndarray, train_images: np.ndarray, scores: np.ndarray, *, k: int = 5
 ) -> Figure:
-    """The figure of :func:`plot_influence_grid` (same arguments, no output path)."""
+    """The figure of :func:`plot_influence_grid` (same arguments, no output path).
+
+    Args:
+        query_images: ``# [Q, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3.
+        train_images: ``# [N, C, H, W]`` in [-1, 1].
+        scores: ``# [Q, N]`` (or ``[N]`` for one query) attribution scores.
+        k: training images per group.
+
+    Returns:
+        The figure (not managed by pyplot).
+    """
     queries = np.asarray(query_images)
     train = np.asarray(train_images)
     sc = np.asarray(scores, dtype=np.float64)
@@ -1102,9 +1245,10 @@ def plot_influence_grid(
     *,
     k: int = 5,
 ) -> Path:
-    """Figure 1 style (a matplotlib image grid): each generated sample with its ``k`` top, most
-    negative and most neutral training images (:func:`select_influential`), the score under
-    each image.
+    """Figure 1 style (a matplotlib image grid): each generated sample with its influences.
+
+    Each sample's row shows its ``k`` top, most negative and most neutral training images
+    (:func:`select_influential`), the score under each image.
 
     Args:
         query_images: ``[Q, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3.
@@ -1112,5 +1256,8 @@ def plot_influence_grid(
         scores: ``[Q, N]`` (or ``[N]`` for one query) attribution scores.
         out_path: PNG path to write.
         k: training images per group.
+
+    Returns:
+        ``out_path``.
     """
     return _save(influence_grid_figure(query_images, train_images, scores, k=k), out_path)

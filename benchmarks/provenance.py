@@ -151,7 +151,9 @@ _ACTIVE_CUDA_TIMERS: list[StageTimer] = []
 
 
 class StageTimer:
-    """Measure one stage's wall time and peak memory::
+    """Measure one stage's wall time and peak memory.
+
+    Usage::
 
         with StageTimer("train") as stage:
             train()
@@ -289,12 +291,14 @@ class StageTimer:
 
 
 class StageLog:
-    """The timed stages of one run, in order::
+    """The timed stages of one run, in order.
 
-    log = StageLog()
-    with log.stage("train"):
-        ...
-    write_run_record(path, RunRecord(config, stages=log.to_dict()))  # benchmarks.results
+    Usage::
+
+        log = StageLog()
+        with log.stage("train"):
+            ...
+        write_run_record(path, RunRecord(config, stages=log.to_dict()))  # benchmarks.results
     """
 
     def __init__(self) -> None:

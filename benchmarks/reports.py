@@ -105,8 +105,19 @@ def summary_markdown(summary_df: pd.DataFrame) -> str:
 def lds_markdown(
     summary_df: pd.DataFrame, target: str, default_damping: Mapping[str, float]
 ) -> str:
-    """Figure 2's numbers as Markdown: ``best ± s.e. (default)`` per method for one target,
-    the noise ceiling first, then the methods in table order."""
+    """Figure 2's numbers as Markdown: ``best ± s.e. (default)`` per method for one target.
+
+    The noise ceiling comes first, then the methods in table order.
+
+    Args:
+        summary_df: the summary table (one row per method, target, damping, ...).
+        target: the measurement target whose LDS is shown (e.g. ``"loss"``).
+        default_damping: method -> its default damping; for these methods the LDS at the
+            default damping is shown in parentheses after the best.
+
+    Returns:
+        The Markdown table.
+    """
     df = validate_summary(summary_df)
     table = best_and_default(df[df["target"] == target], default_damping)
     table = plots.in_table_order(table, target)
@@ -154,10 +165,13 @@ def retrain_markdown(retrain_df: pd.DataFrame) -> str:
 def resolve_default_damping(
     summary_df: pd.DataFrame | None, overrides: Mapping[str, float] | None = None
 ) -> dict[str, float]:
-    """Default damping per method: the registry's (each method's Config default, for the
-    methods of the summary table, or every registered one without a table), then a
-    ``default_damping`` column of the summary table when present (first finite value per
-    method), then ``overrides`` (the ``--default-damping`` flags)."""
+    """Default damping per method, from three sources, each overriding the one before.
+
+    First the registry's (each method's Config default, for the methods of the summary table,
+    or every registered one without a table), then a ``default_damping`` column of the summary
+    table when present (first finite value per method), then ``overrides`` (the
+    ``--default-damping`` flags).
+    """
     out = default_dampings(None if summary_df is None else summary_df["method"])
     if summary_df is not None and "default_damping" in summary_df.columns:
         for method, group in summary_df.groupby("method"):

@@ -139,10 +139,25 @@ def result_row(
     peak_memory_mb: float | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One summary row; ``lds_mean``/``lds_se``/``n_queries`` come from ``lds`` ([n_queries]).
+    """One summary row; ``lds_mean``/``lds_se``/``n_queries`` come from ``lds``.
 
-    ``lds`` may be None only when ``status`` is not ``ok`` (then the LDS columns are NaN/0).
-    ``extra`` keyword arguments become extra columns.
+    Args:
+        method: the method's registry name.
+        measurement: the measurement the method attributed.
+        target: the ground truth's measurement target.
+        damping: the damping of the configuration, or None (NaN in the table).
+        lds: ``# [n_queries]`` per-query LDS; None only when ``status`` is not ``ok`` (then
+            the LDS columns are NaN, NaN, 0).
+        preset: the preset's name.
+        status: one of :data:`STATUSES`.
+        reason: what went wrong and how to fix it; required for, and only for, rows that are
+            not ``ok``.
+        seconds: the method's run time, or None (NaN).
+        peak_memory_mb: its peak memory, or None (NaN).
+        **extra: extra columns; they must not clash with the schema's columns.
+
+    Returns:
+        Column name -> value of the row.
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}.")
@@ -186,7 +201,20 @@ def per_query_frame(
     lds: np.ndarray,
     **extra: Any,
 ) -> pd.DataFrame:
-    """Long per-query table for one configuration: ``lds`` is ``[n_queries]`` (query = index)."""
+    """Long per-query table for one configuration, one row per query.
+
+    Args:
+        method: the method's registry name.
+        measurement: the measurement the method attributed.
+        target: the ground truth's measurement target.
+        damping: the damping of the configuration, or None (NaN in the table).
+        lds: ``# [n_queries]`` per-query LDS; the query column is its index.
+        **extra: extra columns (a scalar or one value per query); they must not clash with
+            the schema's columns.
+
+    Returns:
+        ``n_queries`` rows: method, measurement, target, damping, query, lds, then ``extra``.
+    """
     lds = np.asarray(lds, dtype=np.float64)
     if lds.ndim != 1:
         raise ValueError(f"lds must be 1-D [n_queries], got shape {lds.shape}.")
@@ -293,8 +321,15 @@ def _file_names(files: Mapping[str, str | Path], directory: Path) -> dict[str, s
 def run_record_text(
     record: RunRecord, files: Mapping[str, str | Path], directory: str | Path
 ) -> str:
-    """The JSON text of ``record`` with the run's ``files`` (relative to ``directory``, the
-    record's own directory, where they lie inside it).
+    """The JSON text of ``record`` with the run's ``files``.
+
+    Args:
+        record: the run's record; without provenance, the current one is collected.
+        files: key -> path of the files the run wrote.
+        directory: the record's own directory; paths inside it are written relative to it.
+
+    Returns:
+        Indented JSON (non-finite floats as null), ending with a newline.
 
     Raises:
         TypeError: a value is not JSON-serialisable (the message says where).
@@ -321,8 +356,16 @@ def run_record_text(
 def write_run_record(
     path: str | Path, record: RunRecord, files: Mapping[str, str | Path] | None = None
 ) -> Path:
-    """Write a run's record (see :class:`RunRecord`) atomically to ``path``
-    (``<name>.run.json``); ``files``: key -> path of the files the run wrote."""
+    """Write a run's record (see :class:`RunRecord`) atomically to ``path``.
+
+    Args:
+        path: the record's file, ``<name>.run.json``.
+        record: the run's record.
+        files: key -> path of the files the run wrote.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     return atomic_write_text(path, run_record_text(record, files or {}, path.parent))
 
@@ -401,8 +444,21 @@ def save_model_correlation(
     label_b: str,
     measurement: str,
 ) -> Path:
-    """Store the input of Figure 17: one measurement on the same queries (``[n_queries]`` each)
-    by two separately trained models. ``path`` should end in ``.model_correlation.npz``."""
+    """Store the input of Figure 17: one measurement on the same queries by two models.
+
+    The two models are trained separately.
+
+    Args:
+        path: the file to write atomically; should end in ``.model_correlation.npz``.
+        values_a: ``# [n_queries]`` the first model's measurement.
+        values_b: ``# [n_queries]`` the second model's measurement.
+        label_a: the first model's label.
+        label_b: the second model's label.
+        measurement: the measurement's name.
+
+    Returns:
+        ``path``.
+    """
     a = np.asarray(values_a, dtype=np.float64)
     b = np.asarray(values_b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape:
@@ -435,9 +491,17 @@ def save_influence_examples(
     train_images: np.ndarray,
     scores: np.ndarray,
 ) -> Path:
-    """Store the input of Figure 1: ``query_images`` ``[Q, C, H, W]``, ``train_images``
-    ``[N, C, H, W]`` (both in [-1, 1]) and ``scores`` ``[Q, N]``. ``path`` should end in
-    ``.influence_examples.npz``."""
+    """Store the input of Figure 1: queries, training images and their scores.
+
+    Args:
+        path: the file to write atomically; should end in ``.influence_examples.npz``.
+        query_images: ``# [Q, C, H, W]`` in [-1, 1] (stored as float32).
+        train_images: ``# [N, C, H, W]`` in [-1, 1] (stored as float32).
+        scores: ``# [Q, N]`` attribution scores (stored as float64).
+
+    Returns:
+        ``path``.
+    """
     q = np.asarray(query_images, dtype=np.float32)
     t = np.asarray(train_images, dtype=np.float32)
     s = np.asarray(scores, dtype=np.float64)

@@ -82,6 +82,7 @@ class MethodRun:
 
     @property
     def damping(self) -> float | None:
+        """The ``damping`` of the method's config, or None when it has none."""
         value = self.config.get("damping")
         return float(value) if value is not None else None
 
@@ -130,15 +131,27 @@ def prepare_run(
 
 
 def build_method(name: str, options: dict[str, Any]) -> AttributionMethod:
-    """Method ``name`` with those ``options`` that its config has (others are ignored, so one
-    option set such as ``{"damping": 1e-3, "proj_dim": 4096}`` can serve every method)."""
+    """Method ``name`` with those ``options`` that its config has; the others are ignored.
+
+    So one option set such as ``{"damping": 1e-3, "proj_dim": 4096}`` can serve every method.
+    """
     entry = get_method(name)
     known = {f.name for f in fields(entry.load().Config)}
     return entry.build(**{k: v for k, v in options.items() if k in known})
 
 
 def method_context(experiment: Experiment, measurement: str, target: str) -> MethodContext:
-    """The context of a method that uses ``measurement`` to predict ``target``."""
+    """The context of a method that uses ``measurement`` to predict ``target``.
+
+    Args:
+        experiment: the prepared inputs (setting, store, base model, training set, queries).
+        measurement: what the method differentiates.
+        target: what is being predicted; the oracle's ``measure_fn`` measures it with the
+            ground truth's protocol.
+
+    Returns:
+        The context, with the store as cache and the retraining and measuring oracles.
+    """
     setting, store = experiment.setting, experiment.store
 
     def train_fn(positions: torch.Tensor, seed: int) -> UNet:
@@ -217,6 +230,11 @@ def run_method(
         measurement: what the method differentiates (its "measurement").
         target: what is being predicted (the ground truth's measurement).
         masks: ``# [n_subsets, n_train]`` subsets, for subset-prediction methods.
+
+    Returns:
+        The outcome: ``ok`` with scores ``# [n_queries, n_train]`` or predictions
+        ``# [n_subsets, n_queries]`` (checked finite and of the right shape), else
+        ``unavailable`` or ``failed`` with the reason.
     """
     try:
         method = build_method(name, options)

@@ -390,9 +390,9 @@ def _quick() -> Setting:
         grad_mc_samples=64,
         kfac_mc_samples=64,
         query_grad_mc_samples=64,
-        # TRAK: 4096 projections keep Spearman 0.91 with unprojected scores on this 72k-param
-        # model; one projector block (1.2 GB) is generated once instead of per batch (3.4x
-        # faster, perf suite).
+        # TRAK: 4096 projections stay close to unprojected scores on this 72k-param model, and
+        # one projector block (1.2 GB) generated once is much faster than one per batch
+        # (figures: perf/README.md, "TRAK on the quick preset").
         method_options=(("proj_dim", 4096), ("projector_block_mb", 2048)),
     )
 

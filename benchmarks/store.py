@@ -1,6 +1,6 @@
 """Content-addressed, atomically written artifacts with a verified JSON sidecar.
 
-Contract (docs/DESIGN.md, "Contract: artifacts and caching"):
+Contract (DESIGN.md, "Contract: artifacts and caching"):
 
 - Every expensive result is stored under ``key = f"{kind}-{sha256(canonical_json(spec))[:16]}"``
   where ``spec`` holds everything that determines the result (setting fingerprint, subset
@@ -249,9 +249,12 @@ class ArtifactStore:
         return True
 
     def work_dir(self, kind: str, key: str) -> Path:
-        """The kept directory ``root/_work/<kind>/<key>`` (created if absent) of a library that
-        writes its own files, e.g. TRAK's save_dir; ``key`` is derived by the caller from
-        everything that determines the directory's contents (letters, digits, ``_``, ``-``)."""
+        """The kept directory ``root/_work/<kind>/<key>`` (created if absent) of a library.
+
+        For a library that writes its own files, e.g. TRAK's save_dir; ``key`` is derived by the
+        caller from everything that determines the directory's contents (letters, digits, ``_``,
+        ``-``).
+        """
         _check_kind(kind)
         if not isinstance(key, str) or not _WORK_KEY_RE.match(key):
             raise ValueError(
@@ -304,7 +307,16 @@ class ArtifactStore:
     def save_tensors(
         self, kind: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     ) -> Path:
-        """Store a dict of tensors (any dtype/device; saved from CPU) as safetensors."""
+        """Store a dict of tensors (any dtype/device; saved from CPU) as safetensors.
+
+        Args:
+            kind: artifact kind.
+            spec: everything that determines the payload (see :func:`canonical_json`).
+            tensors: name -> tensor.
+
+        Returns:
+            The entry's directory (an entry already stored under the key is kept as it is).
+        """
         data = _tensors_to_bytes(tensors, "tensors")
         files = {_PAYLOAD_FILES["tensors"]: data}
         return self._commit(kind, spec, "tensors", files, extra={"names": list(tensors)})
@@ -312,7 +324,16 @@ class ArtifactStore:
     def load_tensors(
         self, kind: str, spec: Mapping[str, Any], *, device: str | torch.device = "cpu"
     ) -> dict[str, torch.Tensor]:
-        """The stored tensors, bitwise equal to those saved and in the same order, on ``device``."""
+        """The stored tensors, bitwise equal to those saved and in the same order, on ``device``.
+
+        Args:
+            kind: artifact kind.
+            spec: everything that determines the payload (see :func:`canonical_json`).
+            device: where to put the tensors.
+
+        Returns:
+            Name -> tensor.
+        """
         return self._load_safetensors("tensors", kind, spec, device)
 
     def save_state_dict(
@@ -321,7 +342,16 @@ class ArtifactStore:
         spec: Mapping[str, Any],
         state_dict: nn.Module | Mapping[str, torch.Tensor],
     ) -> Path:
-        """Store a module's state dict (pass the module or its ``state_dict()``) as safetensors."""
+        """Store a module's state dict (pass the module or its ``state_dict()``) as safetensors.
+
+        Args:
+            kind: artifact kind.
+            spec: everything that determines the payload (see :func:`canonical_json`).
+            state_dict: the module, or its ``state_dict()``.
+
+        Returns:
+            The entry's directory (an entry already stored under the key is kept as it is).
+        """
         if isinstance(state_dict, nn.Module):
             state_dict = state_dict.state_dict()
         data = _tensors_to_bytes(state_dict, "state_dict")
@@ -336,14 +366,34 @@ class ArtifactStore:
         module: nn.Module | None = None,
         device: str | torch.device = "cpu",
     ) -> dict[str, torch.Tensor]:
-        """The stored state dict; also loaded (strictly) into ``module`` when one is given."""
+        """The stored state dict; also loaded (strictly) into ``module`` when one is given.
+
+        Args:
+            kind: artifact kind.
+            spec: everything that determines the payload (see :func:`canonical_json`).
+            module: a module to load the state dict into, or None.
+            device: where to put the tensors.
+
+        Returns:
+            Parameter/buffer name -> tensor.
+        """
         state = self._load_safetensors("state_dict", kind, spec, device)
         if module is not None:
             module.load_state_dict(state, strict=True)
         return state
 
     def save_arrays(self, kind: str, spec: Mapping[str, Any], arrays: Mapping[str, Any]) -> Path:
-        """Store a dict of numpy arrays, one ``<name>.npy`` each (no pickling)."""
+        """Store a dict of numpy arrays, one ``<name>.npy`` each (no pickling).
+
+        Args:
+            kind: artifact kind.
+            spec: everything that determines the payload (see :func:`canonical_json`).
+            arrays: name (it becomes a file name) -> array (anything ``np.asarray`` takes; no
+                object dtype).
+
+        Returns:
+            The entry's directory (an entry already stored under the key is kept as it is).
+        """
         files = _arrays_to_files(arrays)
         return self._commit(kind, spec, "arrays", files, extra={"arrays": list(arrays)})
 
@@ -363,7 +413,16 @@ class ArtifactStore:
         return out
 
     def save_json(self, kind: str, spec: Mapping[str, Any], payload: Any) -> Path:
-        """Store a JSON-able payload (see :func:`to_jsonable`; NaN/inf are kept)."""
+        """Store a JSON-able payload (see :func:`to_jsonable`; NaN/inf are kept).
+
+        Args:
+            kind: artifact kind.
+            spec: everything that determines the payload (see :func:`canonical_json`).
+            payload: the JSON-able value.
+
+        Returns:
+            The entry's directory (an entry already stored under the key is kept as it is).
+        """
         data = _json_to_bytes(payload)
         return self._commit(kind, spec, "json", {_PAYLOAD_FILES["json"]: data})
 

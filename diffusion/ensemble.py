@@ -168,8 +168,10 @@ def train_ensemble(
         progress: show a tqdm bar with the members' mean loss.
         dtype: float32 (default, as ``train_model``) or float64 (exactness checks: parameters,
             images and the eps draws in float64).
+
     Returns:
         K trained models, in ``dtype``, eval mode, on the CPU; entry k belongs to ``seeds[k]``.
+
     Raises:
         ValueError: invalid configs, images, subsets or seeds, or ``unet_config.dropout > 0``.
     """

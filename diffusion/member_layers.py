@@ -64,8 +64,11 @@ def _members_second(t: torch.Tensor, bdim: int | None, k: int) -> torch.Tensor:
 
 
 def _recomputed_grads(fn, grad, *inputs):
-    """Vector-Jacobian product of ``fn(*inputs)`` with ``grad`` by recomputing ``fn``
-    (``torch.func.vjp``: also valid inside torch.func transforms); None for None inputs."""
+    """Vector-Jacobian product of ``fn(*inputs)`` with ``grad``, by recomputing ``fn``.
+
+    Uses ``torch.func.vjp``, so it is also valid inside torch.func transforms. The gradient of a
+    None input is None.
+    """
     present = [t for t in inputs if t is not None]
 
     def call(*tensors):
@@ -78,9 +81,12 @@ def _recomputed_grads(fn, grad, *inputs):
 
 
 class _MemberLayer(torch.autograd.Function):
-    """``apply(x, weight, bias, plain, batched, options)``: ``plain(x, weight, bias, *options)``
-    outside vmap (backward by recomputation), ``batched(k, in_dims, x, weight, bias, *options)``
-    (returning ``(output, out_dim)``) as its rule under vmap."""
+    """A layer call with its own vmap rule: ``apply(x, weight, bias, plain, batched, options)``.
+
+    Outside vmap it computes ``plain(x, weight, bias, *options)`` (backward by recomputation);
+    under vmap its rule is ``batched(k, in_dims, x, weight, bias, *options)``, which returns
+    ``(output, out_dim)``.
+    """
 
     generate_vmap_rule = False
 
@@ -170,6 +176,7 @@ class MemberGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` with the ensemble batching rule above (same parameters and names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Group-normalise ``x`` as ``nn.GroupNorm`` does, batching per member under vmap."""
         options = (self.num_groups, self.eps)
         return _MemberLayer.apply(
             x, self.weight, self.bias, _group_norm, _batched_group_norm, options
@@ -185,8 +192,14 @@ class MemberConv2d(nn.Conv2d):
 
 
 def use_member_layers(module: nn.Module) -> nn.Module:
-    """Swap, in place, every plain GroupNorm (affine) and Conv2d the rules cover for its member
-    version (same parameters, same forward outside vmap); returns ``module``."""
+    """Swap, in place, every GroupNorm and Conv2d the rules cover for its member version.
+
+    Covered are affine GroupNorms and plain Conv2ds (zero padding, no dilation or groups). The
+    member versions have the same parameters and the same forward outside vmap.
+
+    Returns:
+        ``module``, modified in place.
+    """
     for layer in module.modules():
         if type(layer) is nn.GroupNorm and layer.affine:
             layer.__class__ = MemberGroupNorm

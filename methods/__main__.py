@@ -9,6 +9,7 @@ from methods.registry import REGISTRY
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print each registered method with its label, variant and summary; return exit code 0."""
     parser = argparse.ArgumentParser(prog="python -m methods", description=__doc__)
     parser.add_argument("--list", action="store_true", help="list registered methods (default)")
     parser.parse_args(argv)

@@ -14,12 +14,24 @@ from diffusion.schedule import NoiseSchedule
 
 
 class ArtifactCache(Protocol):
-    """The artifact store as a method sees it: the one door to ``benchmarks.store.ArtifactStore``
-    (methods never import ``benchmarks``)."""
+    """The artifact store as a method sees it: its one door to ``benchmarks.store.ArtifactStore``.
+
+    Methods never import ``benchmarks``; the runner passes the store in through this protocol.
+    """
 
     def get_or_compute(self, kind: str, spec: Mapping[str, Any], compute_fn, *, fmt: str):
-        """The stored payload of ``(kind, spec)``, computed by ``compute_fn()`` and stored first
-        when absent (``fmt``: ``"tensors"``, ``"arrays"``, ``"json"`` or ``"state_dict"``)."""
+        """The stored payload of ``(kind, spec)``, computed and stored first when absent.
+
+        Args:
+            kind: artifact kind, the first part of the store key.
+            spec: JSON-able identity of the artifact, the rest of the key.
+            compute_fn: ``() -> payload``, called only when no complete entry is stored.
+            fmt: payload format: ``"tensors"``, ``"arrays"``, ``"json"`` or ``"state_dict"``.
+
+        Returns:
+            The payload as loaded back from the store, also right after computing it.
+
+        """
         ...
 
     def exists(self, kind: str, spec: Mapping[str, Any]) -> bool:
@@ -27,9 +39,12 @@ class ArtifactCache(Protocol):
         ...
 
     def work_dir(self, kind: str, key: str) -> Path:
-        """A kept directory (created if absent) for a library that writes its own files (TRAK's
-        save_dir), named by ``kind`` and ``key``: letters, digits, ``_`` and ``-`` (the method
-        derives ``key`` from everything that determines the directory's contents)."""
+        """A kept directory (created if absent) for a library that writes its own files.
+
+        For example TRAK's save_dir. It is named by ``kind`` and ``key``: letters, digits, ``_``
+        and ``-`` (the method derives ``key`` from everything that determines the directory's
+        contents).
+        """
         ...
 
 
@@ -99,8 +114,10 @@ class MethodContext:
 
     @property
     def n_train(self) -> int:
+        """Number of training examples."""
         return int(self.train_images.shape[0])
 
     @property
     def n_queries(self) -> int:
+        """Number of queries (generated samples to attribute)."""
         return int(self.query_images.shape[0])

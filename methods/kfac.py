@@ -86,6 +86,7 @@ def quantize_rows(
         kind: ``"int8"`` or ``"int16"``.
         groups: ``G`` column ranges ``(start, stop)`` covering ``[0, P)`` that get their own
             scale (e.g. one per layer); None = one group, the whole row.
+
     Returns:
         ``(values # [Q, P] int8/int16, scales # [Q, G] float64)`` with
         ``matrix[:, a:b] ~= values[:, a:b] * scales[:, g, None]`` for group ``g = (a, b)``;
@@ -199,8 +200,11 @@ class KFACInfluence(AttributionMethod):
     # ------------------------------------------------------------------ public
 
     def score(self, ctx: MethodContext) -> np.ndarray:
-        """``# [n_queries, n_train]`` float64: predicted increase of the measurement on each
-        query when each training example is removed."""
+        """Predicted increase of the measurement on each query when each example is removed.
+
+        Returns:
+            ``# [n_queries, n_train]`` float64 scores.
+        """
         cfg = self.config
         model = self._model_on_device(ctx)
         layout = ParameterLayout.from_model(model)
@@ -253,8 +257,12 @@ class KFACInfluence(AttributionMethod):
     def _compress(
         self, preconditioned: torch.Tensor, layout: ParameterLayout, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(values # [b, P], scales # [b, n_layers] | None)``: int8/int16 with one scale per
-        query and layer, or the gradients' float dtype without compression."""
+        """Quantise preconditioned query gradients per query and layer, or cast them to ``dtype``.
+
+        Returns:
+            ``(values # [b, P], scales # [b, n_layers] | None)``: int8/int16 with one scale per
+            query and layer, or the gradients' float dtype without compression.
+        """
         if self.config.quantize is None:
             return preconditioned.to(dtype), None
         groups = [(b.offset, b.offset + b.size) for b in layout.blocks]
@@ -339,8 +347,14 @@ class KFACInfluence(AttributionMethod):
         """Each training gradient once, against all (preconditioned) queries: ``# [Q, N]``.
 
         Args:
+            ctx: the method context (training images, schedule, sample counts, seed).
+            model: the base model, on the compute device.
+            layout: the parameter layout of ``model`` (blocks of the flat gradient).
             values: ``# [Q, P]`` preconditioned query gradients (int8/int16 when quantised).
             scales: ``# [Q, n_layers]`` per-layer quantisation scales, or None.
+
+        Returns:
+            ``# [Q, N]`` float64 scores of every query against every training example.
         """
         cfg = self.config
         n_train = ctx.n_train

@@ -74,9 +74,11 @@ class MethodEntry:
 
     @property
     def default_damping(self) -> float | None:
-        """The damping this name runs with unless told otherwise: the ``damping`` field of its
-        Config with ``defaults`` applied; None when the method has no damping option (imports
-        the method's module)."""
+        """The damping this name runs with unless told otherwise.
+
+        That is the ``damping`` field of its Config with ``defaults`` applied; None when the
+        method has no damping option (imports the method's module).
+        """
         damping = getattr(self.config(), "damping", None)
         return None if damping is None else float(damping)
 
@@ -214,6 +216,7 @@ class MethodRegistry:
             self.add(replace(entry, order=position))
 
     def add(self, entry: MethodEntry) -> None:
+        """Register ``entry``; raises DuplicateMethodError if its name is already taken."""
         if not entry.name or entry.name != entry.name.strip() or " " in entry.name:
             raise ValueError(f"invalid method name {entry.name!r}: use a non-empty word")
         existing = self._entries.get(entry.name)
@@ -225,6 +228,7 @@ class MethodRegistry:
         self._entries[entry.name] = entry
 
     def remove(self, name: str) -> None:
+        """Unregister ``name`` (no error if it is not registered)."""
         self._entries.pop(name, None)
 
     def _load_entry_points(self) -> None:
@@ -246,10 +250,12 @@ class MethodRegistry:
         self._load_entry_points()
 
     def names(self) -> list[str]:
+        """All registered names, sorted (entry points included)."""
         self._load_entry_points()
         return sorted(self._entries)
 
     def entries(self) -> Mapping[str, MethodEntry]:
+        """A read-only view of name -> entry, sorted by name (entry points included)."""
         self._load_entry_points()
         return MappingProxyType(dict(sorted(self._entries.items())))
 
@@ -263,6 +269,7 @@ class MethodRegistry:
         return name in self._entries
 
     def get(self, name: str) -> MethodEntry:
+        """The entry of ``name``; raises UnknownMethodError naming the closest known name."""
         self._load_entry_points()
         try:
             return self._entries[name]
@@ -282,8 +289,15 @@ REGISTRY = MethodRegistry(_BUILTINS)
 def register_method(name: str, *, summary: str = "", display_name: str = "", **defaults: Any):
     """Class decorator: ``@register_method("my-method")`` adds the class under ``name``.
 
-    ``display_name`` labels it in tables and figures (default: the class's ``display_name``
-    attribute if it declares one, else ``name``); ``defaults`` are config values of the variant.
+    Args:
+        name: the registry name, a non-empty word.
+        summary: one-line description (default: the first line of the class docstring).
+        display_name: label in tables and figures (default: the class's ``display_name``
+            attribute if it declares one, else ``name``).
+        **defaults: config values of the variant, applied before any overrides.
+
+    Returns:
+        The decorator, which registers the class and returns it unchanged.
     """
 
     def decorator(cls: type[AttributionMethod]) -> type[AttributionMethod]:
@@ -321,16 +335,20 @@ def available_methods() -> list[str]:
 
 
 def methods_in_table_order() -> list[str]:
-    """All registered names in the order of tables and figures: built-ins as listed in the
-    registry, then every other registration by name."""
+    """All registered names in the order of tables and figures.
+
+    Built-ins come first as listed in the registry, then every other registration by name.
+    """
     return [entry.name for entry in REGISTRY.ordered()]
 
 
 def default_dampings(names: Iterable[str] | None = None) -> dict[str, float]:
-    """Name -> default damping (:attr:`MethodEntry.default_damping`) of each of ``names``
-    (default: every registered method) that is registered and has a damping option; other
-    names (e.g. methods of stored results that are not installed here) are left out. Imports
-    the modules of those methods."""
+    """Name -> default damping (:attr:`MethodEntry.default_damping`) of each of ``names``.
+
+    ``names`` defaults to every registered method. Only names that are registered and have a
+    damping option are kept; other names (e.g. methods of stored results that are not installed
+    here) are left out. Imports the modules of those methods.
+    """
     wanted = methods_in_table_order() if names is None else list(dict.fromkeys(names))
     out = {}
     for name in wanted:

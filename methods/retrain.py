@@ -66,6 +66,7 @@ class ExactRetraining(AttributionMethod):
         Args:
             ctx: needs ``train_fn`` and ``measure_fn``.
             masks: ``# [n_subsets, n_train]`` bool, True where the example is kept.
+
         Returns:
             ``# [n_subsets, n_queries]`` float64: ``measure_fn(train_fn(kept_i, seed_i))``.
         """

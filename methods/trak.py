@@ -202,7 +202,18 @@ class TRAKConfig:
 
 
 def example_seed(seed: int, stream: int, index: int) -> int:
-    """A 63-bit seed derived from ``(seed, stream, index)`` by numpy's ``SeedSequence``."""
+    """A 63-bit seed derived from ``(seed, stream, index)`` by numpy's ``SeedSequence``.
+
+    Args:
+        seed: the run's seed, >= 0.
+        stream: which use of the draws (``TRAIN_STREAM``, ``QUERY_STREAM``, ...), so that
+            different uses of the same example get independent draws.
+
+        index: the example's position in its set, >= 0.
+
+    Returns:
+        The seed of the example's generator, in ``[0, 2**63)``.
+    """
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
     state = np.random.SeedSequence([seed, stream, index]).generate_state(2, dtype=np.uint32)
@@ -235,8 +246,23 @@ def example_draws(
     *,
     hflip: bool = False,
 ) -> ExampleDraws:
-    """The draws of example ``index``: ``draw_mc(1, S, ...)`` from a generator seeded with
-    :func:`example_seed`, then (with ``hflip``) S fair coin flips from the same generator."""
+    """The Monte Carlo draws of example ``index``, independent of the batch it is in.
+
+    ``draw_mc(1, S, ...)`` from a generator seeded with :func:`example_seed`, then (with
+    ``hflip``) S fair coin flips from the same generator.
+
+    Args:
+        seed: the run's seed.
+        stream: which use of the draws (see :func:`example_seed`).
+        index: the example's position in its set.
+        n_samples: S, the number of (t, eps) draws.
+        image_shape: ``(C, H, W)`` of the noise.
+        num_timesteps: T of the noise schedule; timesteps are drawn in ``[0, T)``.
+        hflip: also draw a horizontal flip per draw (training used random flips).
+
+    Returns:
+        The example's draws: t ``# [S]``, eps ``# [S, C, H, W]``, flip ``# [S]``.
+    """
     generator = torch.Generator().manual_seed(example_seed(seed, stream, index))
     draws = draw_mc(1, n_samples, image_shape, num_timesteps, generator=generator)
     if hflip:
@@ -329,9 +355,21 @@ class DiffusionModelOutput(AbstractModelOutput):
         eps: torch.Tensor,
         extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One example (traker vmaps over the batch): x0 ``[C, H, W]``, t ``[S]``,
-        eps ``[S, C, H, W]``, extra = flip ``[S]`` (train) or trajectory ``[T + 1, C, H, W]``
-        (query, trajectory-logprob only). Returns the scalar mean over the S draws."""
+        """The model output of one example, averaged over its S draws (traker vmaps the batch).
+
+        Args:
+            model: the wrapped model; called with ``name=`` the output function.
+            weights: parameter name -> tensor, the parameters to differentiate.
+            buffers: buffer name -> tensor.
+            x0: ``# [C, H, W]`` the example's image.
+            t: ``# [S]`` timesteps of its draws.
+            eps: ``# [S, C, H, W]`` noise of its draws.
+            extra: flip ``# [S]`` (train layout), or trajectory ``# [T + 1, C, H, W]`` (query
+                layout, trajectory-logprob only; None otherwise).
+
+        Returns:
+            The scalar mean of the output over the S draws.
+        """
         params = (dict(weights), dict(buffers))
         if self.layout == "train":
             n = t.shape[0]
@@ -353,7 +391,17 @@ class DiffusionModelOutput(AbstractModelOutput):
     def get_out_to_loss_grad(
         self, model: nn.Module, weights: Any, buffers: Any, batch: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        """TRAK's ``Q`` term: 1 for every example (no logistic reweighting), ``[B, 1]``."""
+        """TRAK's ``Q`` term: 1 for every example (no logistic reweighting).
+
+        Args:
+            model: the wrapped model (unused).
+            weights: its parameters (unused).
+            buffers: its buffers (unused).
+            batch: the batch tuple; its first tensor gives B and the device.
+
+        Returns:
+            ``# [B, 1]`` ones.
+        """
         return torch.ones(batch[0].shape[0], 1, device=batch[0].device)
 
 
@@ -490,8 +538,10 @@ def _fast_jl_available() -> bool:
 
 @contextmanager
 def _work_dir(cache: ArtifactCache | None, key: str) -> Iterator[Path]:
-    """traker's save_dir: the cache's work directory ``("trak", key)`` (kept), or a temporary
-    directory (removed) without a cache."""
+    """Yield traker's save_dir: the cache's work directory ``("trak", key)``, or a temporary one.
+
+    The cache's directory is kept; the temporary directory (used without a cache) is removed.
+    """
     if cache is not None:
         yield cache.work_dir("trak", key)
     else:
@@ -534,6 +584,7 @@ class TRAK(AttributionMethod):
     # ---- availability ----------------------------------------------------------------------
 
     def availability(self) -> tuple[bool, str]:
+        """(available, reason): the CUDA projector needs a CUDA device and traker's kernels."""
         if self.config.projector == "cuda":
             if not torch.cuda.is_available():
                 return False, "projector='cuda' needs a CUDA device; use projector='basic'"
@@ -746,7 +797,7 @@ def _copy_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 @contextmanager
 def _quiet_traker_bars(progress: bool) -> Iterator[None]:
-    """traker's finalize_* show a tqdm bar over model ids; silence it unless progress."""
+    """Silence the tqdm bar over model ids of traker's finalize_* unless ``progress``."""
     import trak.traker as traker_module  # deferred: traker loads only when TRAK runs
 
     original = traker_module.tqdm
