@@ -127,6 +127,7 @@ def run_retrain_task(task: RetrainTask) -> float:
         task.measurement,
         n_samples=setting.gt_mc_samples,
         device=torch.device(task.device),
+        query_indices=[task.query],  # query q's own draws, those of its base value
     )
     return float(values[0])
 
