@@ -214,6 +214,12 @@ def measure_queries(
     numbers (one fixed set of draws per query, whatever the model).
 
     Args:
+        model: the model measured.
+        setting: the setting (its seed and schedule give the draws).
+        queries: the queries measured.
+        name: the measurement's name.
+        n_samples: Monte Carlo draws per query.
+        device: where the model computes.
         query_indices: ``# [n_queries]`` global indices of the given queries, whose draws
             measure them (a subset of the queries keeps each query's own draws); None =
             ``range(n_queries)``.
@@ -248,6 +254,12 @@ def measure_queries_many(
     cost one forward per draw, not two). Query by query: batches of ``n_samples`` rows.
 
     Args:
+        model: the model measured.
+        setting: the setting (its seed and schedule give the draws).
+        queries: the queries measured.
+        names: the measurements' names.
+        n_samples: Monte Carlo draws per query.
+        device: where the model computes.
         query_indices: ``# [n_queries]`` global indices of the given queries (their draws are
             :func:`measurement_draws` of these indices); None = ``range(n_queries)``.
 
