@@ -10,26 +10,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchmarks.errors import UsageError
 from benchmarks.executors import TaskFailedError
 from benchmarks.store import CacheMismatchError, CorruptArtifactError
 from datasets import DatasetUnavailableError
 from methods import UnknownMethodError
 
+USAGE_ERRORS = (UsageError, UnknownMethodError, DatasetUnavailableError)
+"""Bad input: a bad flag, an unknown name or a bad value (datasets/ and methods/ cannot import
+:class:`UsageError`, so their own user-facing errors are listed too)."""
+
 
 @contextmanager
 def usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
-    """Turn bad input into ``prog: error: <message>`` and exit status 2 (argparse's own
-    convention); failed tasks exit with status 1 and name the failed keys. Work already done is
-    in the artifact store either way, so the same command resumes after the fix."""
+    """Turn bad input into ``prog: error: <message>`` and exit status 2.
+
+    Usage errors (:data:`USAGE_ERRORS`) and unusable cache entries become one line and exit
+    status 2 (argparse's own convention); failed tasks exit with status 1 and name the failed
+    keys. Any other exception is a bug: it propagates with its traceback (exit status 1). Work
+    already done is in the artifact store either way, so the same command resumes after the fix.
+    """
     try:
         yield
-    except (
-        UnknownMethodError,
-        DatasetUnavailableError,
-        CacheMismatchError,
-        CorruptArtifactError,
-        ValueError,
-    ) as error:
+    except (*USAGE_ERRORS, CacheMismatchError, CorruptArtifactError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     except TaskFailedError as error:
         print(f"{parser.prog}: {error}", file=sys.stderr)
@@ -51,14 +54,16 @@ def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"{flag} takes KEY=VALUE, got {pair!r}")
+            raise UsageError(f"{flag} takes KEY=VALUE, got {pair!r}")
         out[key] = _parse_value(value)
     return out
 
 
 def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"train.steps": 20, "n_subsets": 8}`` -> ``{"train": {"steps": 20}, "n_subsets": 8}``
-    (the form ``Setting.replace`` takes for nested configs)."""
+    """``{"train.steps": 20, "n_subsets": 8}`` -> ``{"train": {"steps": 20}, "n_subsets": 8}``.
+
+    This is the form ``Setting.replace`` takes for nested configs.
+    """
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         head, dot, rest = key.partition(".")
@@ -66,10 +71,10 @@ def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
             nested[key] = value
             continue
         if "." in rest:
-            raise ValueError(f"--set {key}: only one level of nesting (e.g. train.steps)")
+            raise UsageError(f"--set {key}: only one level of nesting (e.g. train.steps)")
         branch = nested.setdefault(head, {})
         if not isinstance(branch, dict):
-            raise ValueError(f"--set {head} and --set {key} conflict; give one of them")
+            raise UsageError(f"--set {head} and --set {key} conflict; give one of them")
         branch[rest] = value
     return nested
 
@@ -114,9 +119,9 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+            raise UsageError(f"--threads must be >= 1, got {self.threads}")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise UsageError(f"--workers must be >= 1, got {self.workers}")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

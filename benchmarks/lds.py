@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.cli import (
     RunOptions,
+    UsageError,
     add_run_arguments,
     parse_key_values,
     run_label,
@@ -89,16 +90,16 @@ class LDSConfig(RunOptions):
 
     def __post_init__(self) -> None:
         if not self.methods:
-            raise ValueError("give at least one --method")
+            raise UsageError("give at least one --method")
         if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"--method lists a method twice: {list(self.methods)}")
+            raise UsageError(f"--method lists a method twice: {list(self.methods)}")
         if not self.targets:
-            raise ValueError("give at least one --target")
+            raise UsageError("give at least one --target")
         values = [self.damping] if self.damping is not None else []
         values += list(self.sweep) if self.damping_sweep else []
         for value in values:
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"damping must be a finite number > 0, got {value!r}")
+                raise UsageError(f"damping must be a finite number > 0, got {value!r}")
         super().__post_init__()
 
 
@@ -258,6 +259,7 @@ def prepare(config: LDSConfig) -> PreparedRun:
         config.methods,
         config.device,
         config.threads,
+        config.options,
     )
     store = ArtifactStore(Path(config.cache_dir))
     stages = StageLog()
@@ -285,13 +287,14 @@ def evaluate_cells(config: LDSConfig, prepared: PreparedRun) -> Cells:
     (:func:`_variants`).
     """
     cells = Cells()
+    runs: dict[str, MethodRun] = {}
     for target in config.targets:
         if prepared.setting.n_seeds >= 2:
             _add_noise_ceiling(cells, prepared, target)
         for name in config.methods:
             defaults = asdict(build_method(name, {}).config)
             for variant in _variants(config, defaults):
-                _evaluate_cell(config, prepared, cells, name, target, variant, defaults)
+                _evaluate_cell(config, prepared, cells, name, target, variant, defaults, runs)
     return cells
 
 
@@ -322,22 +325,30 @@ def _evaluate_cell(
     target: str,
     variant: dict[str, Any],
     defaults: dict[str, Any],
+    runs: dict[str, MethodRun],
 ) -> None:
     """Run method ``name`` with ``variant`` to predict ``target``; add its results to ``cells``.
 
     Its results: its row, and (when ok) its per-query LDS, paired-difference entry and Figure 1
-    scores.
+    scores. ``runs`` holds the outcomes so far by resolved configuration: a variant that
+    resolves to the configuration of an earlier one (the plain variant and the compression
+    ablation's variant of the same ``quantize``) reuses its outcome, so each (damping, bits)
+    cell is evaluated once.
     """
     preset = prepared.setting.name
     options = {**dict(prepared.setting.method_options), **config.options, **variant}
-    outcome = run_method(
-        prepared.experiment,
-        name,
-        options,
-        measurement=config.measurement or target,
-        target=target,
-        masks=prepared.truth.masks,
-    )
+    resolved = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    key = repr((name, config.measurement or target, target, sorted(resolved.items())))
+    if key not in runs:
+        runs[key] = run_method(
+            prepared.experiment,
+            name,
+            options,
+            measurement=config.measurement or target,
+            target=target,
+            masks=prepared.truth.masks,
+        )
+    outcome = runs[key]
     extra = {"default_damping": defaults.get("damping")}
     if "quantize" in variant:
         extra["bits"] = _BITS[variant["quantize"]]

@@ -264,6 +264,7 @@ def measure_queries(
     *,
     n_samples: int,
     device: torch.device,
+    query_indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Measurement ``name`` of ``model`` on every query, with the ground truth's common draws.
 
@@ -277,11 +278,28 @@ def measure_queries(
         n_samples: draws per query.
         device: where to measure.
 
+    Args:
+        model: the model measured.
+        setting: the setting (its seed and schedule give the draws).
+        queries: the queries measured.
+        name: the measurement's name.
+        n_samples: Monte Carlo draws per query.
+        device: where the model computes.
+        query_indices: ``# [n_queries]`` global indices of the given queries, whose draws
+            measure them (a subset of the queries keeps each query's own draws); None =
+            ``range(n_queries)``.
+
     Returns:
         ``# [n_queries]`` float64.
     """
     return measure_queries_many(
-        model, setting, queries, (name,), n_samples=n_samples, device=device
+        model,
+        setting,
+        queries,
+        (name,),
+        n_samples=n_samples,
+        device=device,
+        query_indices=query_indices,
     )[name]
 
 
@@ -294,6 +312,7 @@ def measure_queries_many(
     *,
     n_samples: int,
     device: torch.device,
+    query_indices: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`measure_queries` of several measurements, sharing the model forwards they can.
 
@@ -309,9 +328,23 @@ def measure_queries_many(
         n_samples: draws per query.
         device: where to measure.
 
+    Args:
+        model: the model measured.
+        setting: the setting (its seed and schedule give the draws).
+        queries: the queries measured.
+        names: the measurements' names.
+        n_samples: Monte Carlo draws per query.
+        device: where the model computes.
+        query_indices: ``# [n_queries]`` global indices of the given queries (their draws are
+            :func:`measurement_draws` of these indices); None = ``range(n_queries)``.
+
     Returns:
         name -> ``# [n_queries]`` float64, each bitwise :func:`measure_queries`' value.
     """
+    n_queries = queries.images.shape[0]
+    indices = range(n_queries) if query_indices is None else [int(i) for i in query_indices]
+    if len(indices) != n_queries:
+        raise ValueError(f"{len(indices)} query_indices for {n_queries} queries")
     needs_trajectory = False
     for name in names:
         if parse_measurement(name, setting.schedule.num_timesteps)[0] == "trajectory-logprob":
@@ -320,8 +353,8 @@ def measure_queries_many(
             needs_trajectory = True
     model = model.to(device).eval()
     values: dict[str, list[float]] = {name: [] for name in names}
-    for q in range(queries.images.shape[0]):
-        draws = measurement_draws(setting, q, n_samples, queries.images.shape[1:])
+    for q, index in enumerate(indices):
+        draws = measurement_draws(setting, index, n_samples, queries.images.shape[1:])
         draws = MCDraws(draws.t.to(device), draws.eps.to(device))
         trajectory = queries.trajectories[q : q + 1].to(device) if needs_trajectory else None
         measured = measure_many(

@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.cli import (
     RunOptions,
+    UsageError,
     add_run_arguments,
     parse_key_values,
     run_label,
@@ -74,10 +75,10 @@ class RetrainBenchmarkConfig(RunOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.methods:
-            raise ValueError("give at least one --method")
+            raise UsageError("give at least one --method")
         for fraction in self.fractions or ():
             if not isinstance(fraction, int | float) or not 0 < fraction < 1:
-                raise ValueError(
+                raise UsageError(
                     f"--fraction must lie in (0, 1) (e.g. 0.02 for 2%), got {fraction!r}"
                 )
 
@@ -127,6 +128,7 @@ def run_retrain_task(task: RetrainTask) -> float:
         task.measurement,
         n_samples=setting.gt_mc_samples,
         device=torch.device(task.device),
+        query_indices=[task.query],  # query q's own draws, those of its base value
     )
     return float(values[0])
 
@@ -136,6 +138,8 @@ def top_removal(scores_row: np.ndarray, n_remove: int) -> np.ndarray:
 
     Args:
         scores_row: ``# [n_train]`` scores of one query.
+        n_remove: how many positions to remove.
+
     Returns:
         ``# [n_train - n_remove]`` sorted kept positions.
     """
@@ -163,6 +167,7 @@ class PreparedRetrain:
 
     @property
     def n_train(self) -> int:
+        """The number of training examples."""
         return int(self.experiment.train_images.shape[0])
 
     def n_removed(self, fraction: float) -> int:
@@ -188,12 +193,15 @@ class RemovalPlan:
 
     @property
     def key(self) -> str:
+        """The cell's task key, ``method,fraction=f,query=q``."""
         return f"{self.method},fraction={self.fraction},query={self.query}"
 
 
 def run(config: RetrainBenchmarkConfig) -> pd.DataFrame:
-    """Run the benchmark: prepare, plan the removals of every method (and random ones),
-    retrain every cell, summarise, write the table and the run record.
+    """Run the benchmark described by ``config`` and write its table and run record.
+
+    The stages: prepare, plan the removals of every method (and random ones), retrain every
+    cell, summarise, write.
 
     Returns:
         the long table, one row per finished cell: ``method, fraction, query, measurement,
@@ -224,8 +232,11 @@ def run(config: RetrainBenchmarkConfig) -> pd.DataFrame:
 
 
 def prepare(config: RetrainBenchmarkConfig) -> PreparedRetrain:
-    """Validate the input, then get the data, the base model, the queries and the base model's
-    measurement of the first ``n_retrain_queries`` queries, each a timed stage."""
+    """Validate the input, then get everything the cells share, each a timed stage.
+
+    That is the data, the base model, the queries and the base model's measurement of the first
+    ``n_retrain_queries`` queries.
+    """
     setting, device = prepare_run(
         config.preset,
         config.overrides,
@@ -233,6 +244,7 @@ def prepare(config: RetrainBenchmarkConfig) -> PreparedRetrain:
         config.methods,
         config.device,
         config.threads,
+        config.options,
     )
     store = ArtifactStore(Path(config.cache_dir))
     stages = StageLog()
@@ -264,8 +276,10 @@ def prepare(config: RetrainBenchmarkConfig) -> PreparedRetrain:
 def plan_removals(
     config: RetrainBenchmarkConfig, prepared: PreparedRetrain
 ) -> tuple[list[RemovalPlan], dict[str, str]]:
-    """Every cell to retrain: each method's top influences per (fraction, query), then the
-    random removals of the same sizes.
+    """Every cell to retrain.
+
+    Each method's top influences per (fraction, query), then the random removals of the same
+    sizes.
 
     Returns:
         ``(plans, failed_methods)``: the cells, and method -> why it gave no scores.
@@ -319,7 +333,16 @@ def _random_plans(prepared: PreparedRetrain) -> list[RemovalPlan]:
 def retrain_cells(
     config: RetrainBenchmarkConfig, prepared: PreparedRetrain, plans: list[RemovalPlan]
 ) -> list[TaskOutcome]:
-    """Retrain and measure every planned cell on the configured executor (in plan order)."""
+    """Retrain and measure every planned cell on the configured executor.
+
+    Args:
+        config: the run's config (its executor, data directory and measurement).
+        prepared: the output of :func:`prepare`.
+        plans: the cells.
+
+    Returns:
+        One outcome per plan, in plan order (``value``: the retrained model's measurement).
+    """
     store, device = prepared.experiment.store, prepared.experiment.device
     tasks = [
         RetrainTask(
@@ -350,14 +373,17 @@ def cell_table(
     plans: list[RemovalPlan],
     outcomes: list[TaskOutcome],
 ) -> pd.DataFrame:
-    """The long table of the finished cells: ``method, fraction, query, measurement, base,
-    retrained, delta_loss`` (``delta_loss = retrained - base``).
+    """The long table of the finished cells.
 
     Args:
         measurement: the measurement's name.
         base_values: ``# [n_retrain_queries]`` the base model's measurements.
         plans: the cells.
         outcomes: their outcomes, in the same order.
+
+    Returns:
+        One row per finished cell, columns ``method, fraction, query, measurement, base,
+        retrained, delta_loss`` (``delta_loss = retrained - base``).
     """
     rows = [
         {
@@ -400,8 +426,10 @@ def write_run(
     result: dict[str, Any],
     run_name: str,
 ) -> Path:
-    """Write ``<out>/retrain/<preset>/<run_name>.retrain.csv`` and the run record
-    ``<run_name>.run.json`` (its ``result``: the summary, failed methods and tasks).
+    """Write the long table and the run record.
+
+    The table goes to ``<out>/retrain/<preset>/<run_name>.retrain.csv``, the record to
+    ``<run_name>.run.json`` beside it (its ``result``: the summary, failed methods and tasks).
 
     Args:
         config: the run's config.
@@ -423,6 +451,7 @@ def write_run(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m benchmarks.retrain``."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.retrain",
         description=__doc__.split("\n\n")[0],

@@ -8,13 +8,16 @@ and the reason; the caller writes it as a failed cell and carries on.
 from __future__ import annotations
 
 import math
+import sys
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks.errors import UsageError
 from benchmarks.groundtruth import get_or_train_model
 from benchmarks.pipeline import (
     QuerySet,
@@ -94,12 +97,14 @@ def prepare_run(
     methods: tuple[str, ...],
     device: str,
     threads: int | None,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[Setting, torch.device]:
     """Validate a runner's input before any work and configure this process.
 
-    Resolves the preset with its overrides, checks every measurement and method name (the
-    errors list the valid ones), resolves the device, and sets torch's intra-op threads
-    (default: 1 for the digits presets, whose tiny models run fastest on one thread).
+    Resolves the preset with its overrides, checks every measurement and method name and that
+    each of the user's method options belongs to at least one of the methods (the errors list
+    the valid ones), resolves the device, and sets torch's intra-op threads (default: 1 for the
+    digits presets, whose tiny models run fastest on one thread).
 
     Args:
         preset: setting preset name (``benchmarks.settings.PRESETS``).
@@ -108,26 +113,59 @@ def prepare_run(
         methods: registry names the run uses.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
         threads: torch intra-op threads; None = the preset's default (see above).
+        options: the user's method options (``--option``; not the preset's
+            ``method_options``, which need not belong to the selected methods).
 
     Returns:
         ``(setting, device)``.
 
     Raises:
-        ValueError, UnknownMethodError: an unknown preset, override, measurement, method or
-            an unavailable device, before any work.
+        UsageError, UnknownMethodError: an unknown preset, override, measurement, method or
+            option, or an unavailable device, before any work.
     """
     setting = get_preset(preset)
     if overrides:
         setting = setting.replace(**overrides)
     for name in measurements:
-        parse_measurement(name, setting.schedule.num_timesteps)
+        try:
+            parse_measurement(name, setting.schedule.num_timesteps)
+        except ValueError as error:
+            raise UsageError(str(error)) from error
     for name in methods:
         build_method(name, {})  # unknown names fail here, before any work
-    resolved = resolve_device(device)
+    check_options(options or {}, methods)
+    try:
+        resolved = resolve_device(device)
+    except (ValueError, RuntimeError) as error:  # torch.device("gpu") raises RuntimeError
+        raise UsageError(f"--device {device}: {error}") from error
     threads = threads or (1 if setting.dataset.startswith("digits") else None)
     if threads is not None:
         torch.set_num_threads(threads)
     return setting, resolved
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The option names (config fields) of method ``name``; raises UnknownMethodError."""
+    return tuple(f.name for f in fields(get_method(name).load().Config))
+
+
+def check_options(options: Mapping[str, Any], methods: tuple[str, ...]) -> None:
+    """Check that each of the user's options belongs to at least one of ``methods``.
+
+    Raises:
+        UnknownMethodError: an unknown method name.
+        UsageError: an option none of the methods has (the message lists their options).
+    """
+    known = {name: method_options(name) for name in methods}
+    unknown = [key for key in options if not any(key in names for names in known.values())]
+    if unknown:
+        listing = "; ".join(
+            f"{name}: {', '.join(names) or '(none)'}" for name, names in known.items()
+        )
+        raise UsageError(
+            f"--option {', '.join(unknown)}: no selected method has this option. "
+            f"Options of the selected methods: {listing}"
+        )
 
 
 def build_method(name: str, options: dict[str, Any]) -> AttributionMethod:
@@ -135,9 +173,8 @@ def build_method(name: str, options: dict[str, Any]) -> AttributionMethod:
 
     So one option set such as ``{"damping": 1e-3, "proj_dim": 4096}`` can serve every method.
     """
-    entry = get_method(name)
-    known = {f.name for f in fields(entry.load().Config)}
-    return entry.build(**{k: v for k, v in options.items() if k in known})
+    known = method_options(name)
+    return get_method(name).build(**{k: v for k, v in options.items() if k in known})
 
 
 def method_context(experiment: Experiment, measurement: str, target: str) -> MethodContext:
@@ -259,6 +296,7 @@ def run_method(
     except MethodUnavailableError as error:
         return MethodRun(name, config, measurement, "unavailable", str(error))
     except Exception as error:  # reported as a failed cell; the table is still written
+        print(f"[{name}] failed:\n{traceback.format_exc()}", file=sys.stderr, end="")
         detail = traceback.format_exception_only(type(error), error)[-1].strip()
         return MethodRun(name, config, measurement, "failed", detail)
     if scores is not None:

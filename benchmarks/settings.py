@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from benchmarks.errors import UsageError
 from benchmarks.io import to_jsonable
 from datasets import DATASET_NAMES
 from diffusion.schedule import NoiseSchedule
@@ -169,25 +170,25 @@ class Setting:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Setting.name must be a non-empty str, got {self.name!r}")
+            raise UsageError(f"Setting.name must be a non-empty str, got {self.name!r}")
         if self.dataset not in DATASET_NAMES:
-            raise ValueError(
+            raise UsageError(
                 f"Setting.dataset must be one of {', '.join(DATASET_NAMES)}, got "
                 f"{self.dataset!r}.{_closest(self.dataset, DATASET_NAMES)}"
             )
         if self.n_train is not None and (not _is_int(self.n_train) or self.n_train < 2):
-            raise ValueError(
+            raise UsageError(
                 f"Setting.n_train must be None (all images) or an int >= 2, got {self.n_train!r}"
             )
         for field, cls in (*_NESTED.items(), ("schedule", NoiseSchedule)):
             value = getattr(self, field)
             if not isinstance(value, cls):
-                raise ValueError(
+                raise UsageError(
                     f"Setting.{field} must be a {cls.__name__}, got {type(value).__name__}"
                 )
         shape = _IMAGE_SHAPES.get(self.dataset)
         if shape is not None and (self.unet.image_channels, self.unet.image_size) != shape[:2]:
-            raise ValueError(
+            raise UsageError(
                 f"Setting.unet has image_channels={self.unet.image_channels}, image_size="
                 f"{self.unet.image_size}, but {self.dataset!r} images are {shape[0]}x{shape[1]}x"
                 f"{shape[2]} (C x H x W): use a UNetConfig for that shape"
@@ -210,20 +211,20 @@ class Setting:
                     if field == "n_subsets"
                     else ""
                 )
-                raise ValueError(f"Setting.{field} must be an int >= {low}{why}, got {value!r}")
+                raise UsageError(f"Setting.{field} must be an int >= {low}{why}, got {value!r}")
         if self.n_retrain_queries > self.n_queries:
-            raise ValueError(
+            raise UsageError(
                 f"Setting.n_retrain_queries={self.n_retrain_queries} exceeds n_queries="
                 f"{self.n_queries}: the retraining benchmark uses the first n_retrain_queries"
             )
         if not isinstance(self.subset_fraction, int | float) or isinstance(
             self.subset_fraction, bool
         ):
-            raise ValueError(
+            raise UsageError(
                 f"Setting.subset_fraction must be a float, got {self.subset_fraction!r}"
             )
         if not 0.0 < self.subset_fraction < 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"Setting.subset_fraction must lie in (0, 1), got {self.subset_fraction!r}"
             )
         if isinstance(self.retrain_fractions, list):
@@ -238,7 +239,7 @@ class Setting:
             )
             or len(set(fractions)) != len(fractions)
         ):
-            raise ValueError(
+            raise UsageError(
                 "Setting.retrain_fractions must be a non-empty tuple of distinct floats in "
                 f"(0, 1), got {fractions!r}"
             )
@@ -246,12 +247,12 @@ class Setting:
             object.__setattr__(self, "method_options", tuple(self.method_options.items()))
         options = tuple(tuple(pair) for pair in self.method_options)
         if any(len(pair) != 2 or not isinstance(pair[0], str) for pair in options):
-            raise ValueError(
+            raise UsageError(
                 f"Setting.method_options must be (field, value) pairs, got {self.method_options!r}"
             )
         object.__setattr__(self, "method_options", options)
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"Setting.seed must be an int in [0, 2**63), got {self.seed!r}")
+            raise UsageError(f"Setting.seed must be an int in [0, 2**63), got {self.seed!r}")
 
     # ---- derived views ---------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ class Setting:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown Setting fields {unknown}; known: {sorted(names)}."
                 f"{_closest(unknown[0], names)}"
             )
@@ -313,7 +314,7 @@ class Setting:
         changes: dict[str, Any] = {}
         for key, value in overrides.items():
             if key not in names:
-                raise ValueError(
+                raise UsageError(
                     f"unknown Setting field {key!r}; fields: {', '.join(names)}."
                     f"{_closest(key, names)}"
                 )
@@ -330,7 +331,7 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in values if k not in names]
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown {where} fields {unknown}; {cls.__name__} has: {', '.join(names)}."
             f"{_closest(unknown[0], names)}"
         )
@@ -338,7 +339,7 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        raise UsageError(f"{where}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,6 +448,6 @@ def get_preset(name: str) -> Setting:
     try:
         return PRESETS[name]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise UsageError(
             f"unknown preset {name!r}; presets: {', '.join(PRESETS)}.{_closest(name, PRESETS)}"
         ) from None

@@ -131,8 +131,11 @@ def _conv(x, weight, bias, stride, padding):
 
 
 def _per_member_conv(x, weight, bias, stride, padding):
-    """One ordinary convolution per member: x [K, B, C_in, H, W], weight [K, C_out, C_in, kh,
-    kw], bias [K, C_out] or None -> [K, B, C_out, H', W']."""
+    """One ordinary convolution per member.
+
+    Shapes: x [K, B, C_in, H, W], weight [K, C_out, C_in, kh, kw], bias [K, C_out] or None
+    -> [K, B, C_out, H', W'].
+    """
     # unbind, not indexing: the backward of k selects would zero-fill k full gradients
     biases = [None] * x.shape[0] if bias is None else bias.unbind(0)
     outs = [

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.cli import UsageError
 from benchmarks.pipeline import get_base_model, get_queries, load_train_set
-from benchmarks.runner import Experiment, build_method, prepare_run, run_method
+from benchmarks.runner import (
+    Experiment,
+    build_method,
+    check_options,
+    method_options,
+    prepare_run,
+    run_method,
+)
 from benchmarks.store import ArtifactStore
 from methods import AttributionMethod, UnknownMethodError
 from methods.registry import REGISTRY, register_method
@@ -127,3 +135,30 @@ def test_prepare_run_resolves_and_validates_names(restore_threads):
         prepare_run("quik", {}, ("loss",), ("kfac",), "cpu", 1)
     with pytest.raises(ValueError, match="n_subsetz"):
         prepare_run("smoke", {"n_subsetz": 3}, ("loss",), ("kfac",), "cpu", 1)
+
+
+def test_prepare_run_raises_usage_errors_for_bad_input(restore_threads):
+    """Bad input is a UsageError (exit status 2 in the CLIs); other ValueErrors are bugs."""
+    with pytest.raises(UsageError, match="los"):
+        prepare_run("smoke", {}, ("los",), ("kfac",), "cpu", 1)
+    with pytest.raises(UsageError, match="quik"):
+        prepare_run("quik", {}, ("loss",), ("kfac",), "cpu", 1)
+    with pytest.raises(UsageError, match="n_subsetz"):
+        prepare_run("smoke", {"n_subsetz": 3}, ("loss",), ("kfac",), "cpu", 1)
+    with pytest.raises(UsageError, match="n_subsets must be an int >= 3"):
+        prepare_run("smoke", {"n_subsets": 2}, ("loss",), ("kfac",), "cpu", 1)
+    with pytest.raises(UsageError, match="--device gpu"):
+        prepare_run("smoke", {}, ("loss",), ("kfac",), "gpu", 1)
+
+
+def test_prepare_run_checks_each_option_belongs_to_a_selected_method(restore_threads):
+    setting, _ = prepare_run(
+        "smoke", {}, ("loss",), ("kfac", "random"), "cpu", 1, {"damping": 1e-3, "quantize": None}
+    )
+    assert setting.name == "smoke"
+    with pytest.raises(UsageError, match="--option proj_dim") as info:
+        prepare_run("smoke", {}, ("loss",), ("kfac", "random"), "cpu", 1, {"proj_dim": 8})
+    assert f"kfac: {', '.join(method_options('kfac'))}" in str(info.value)
+    assert "random: (none)" in str(info.value)
+    with pytest.raises(UnknownMethodError, match="kfca"):
+        check_options({"damping": 1.0}, ("kfca",))
