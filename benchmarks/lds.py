@@ -32,13 +32,23 @@ from benchmarks.cli import (
 from benchmarks.executors import make_executor
 from benchmarks.groundtruth import GroundTruth, compute_ground_truth
 from benchmarks.metrics import (
+    bootstrap_interval,
+    bootstrap_noise_ceiling_interval,
+    cross_fitted_lds,
     lds_per_query,
     noise_ceiling,
     paired_difference,
     predictions_from_scores,
+    subset_folds,
     summarize,
 )
-from benchmarks.pipeline import QuerySet, get_base_model, get_queries, load_train_set
+from benchmarks.pipeline import (
+    QuerySet,
+    derived_seed,
+    get_base_model,
+    get_queries,
+    load_train_set,
+)
 from benchmarks.provenance import StageLog
 from benchmarks.results import (
     RunRecord,
@@ -148,12 +158,20 @@ class Cells:
             the pairs of :func:`paired_differences`.
         influence_scores: method -> ``# [n_queries, n_train]`` scores of its first cell that
             returned scores (Figure 1's input).
+        predictions: the same keys as ``lds`` -> ``# [n_subsets, n_queries]`` predicted
+            measurements (the input of the held-out damping choice).
+        held_out: ``(method, target) -> # [n_queries]`` LDS at the damping chosen on held-out
+            subsets (:func:`add_held_out_damping`).
+        default_damping: method -> its default damping (None: it has none).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     per_query: list[pd.DataFrame] = field(default_factory=list)
     lds: dict[tuple[str, str, float | None], np.ndarray] = field(default_factory=dict)
     influence_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    predictions: dict[tuple[str, str, float | None], np.ndarray] = field(default_factory=dict)
+    held_out: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    default_damping: dict[str, float | None] = field(default_factory=dict)
 
 
 _BITS = {None: 32, "int16": 16, "int8": 8}
@@ -162,12 +180,12 @@ _BITS = {None: 32, "int16": 16, "int8": 8}
 def _variants(config: LDSConfig, defaults: dict[str, Any]) -> list[dict[str, Any]]:
     """The option sets one method is evaluated with.
 
-    Dampings (``--damping``, ``--damping-sweep``) and, with ``--compression-ablation``,
-    query-gradient quantisations.
+    Dampings (``--damping``, or ``--damping-sweep``: the sweep plus the method's default) and,
+    with ``--compression-ablation``, query-gradient quantisations.
     """
     dampings: list[dict[str, Any]] = [{}]
-    if "damping" in defaults and config.damping_sweep:
-        dampings = [{"damping": d} for d in config.sweep]
+    if "damping" in defaults and config.damping_sweep:  # the sweep and the method's default
+        dampings = [{"damping": d} for d in sorted({*config.sweep, defaults["damping"]})]
     elif "damping" in defaults and config.damping is not None:
         dampings = [{"damping": config.damping}]
     if not (config.compression_ablation and "quantize" in defaults):
@@ -184,7 +202,8 @@ def run(config: LDSConfig) -> LDSResult:
     prepared = prepare(config)
     with prepared.stages.stage("cells"):
         cells = evaluate_cells(config, prepared)
-    paired = paired_differences(cells.lds, config.methods[0])
+    add_held_out_damping(cells, prepared)
+    paired = paired_differences(cells, config.methods[0])
     summary = pd.DataFrame(cells.rows)
     per_query = pd.concat(cells.per_query, ignore_index=True) if cells.per_query else pd.DataFrame()
     files = write_run(config, prepared, cells, (summary, per_query, paired), run_name)
@@ -301,20 +320,36 @@ def evaluate_cells(config: LDSConfig, prepared: PreparedRun) -> Cells:
 def _add_noise_ceiling(cells: Cells, prepared: PreparedRun, target: str) -> None:
     preset = prepared.setting.name
     ceiling = noise_ceiling(prepared.truth.values[target])
-    cells.rows.append(result_row("noise-ceiling", target, target, None, ceiling, preset=preset))
+    interval = bootstrap_noise_ceiling_interval(
+        prepared.truth.values[target], seed=_bootstrap_seed(prepared)
+    )
+    cells.rows.append(
+        result_row(
+            "noise-ceiling",
+            target,
+            target,
+            None,
+            ceiling,
+            preset=preset,
+            ci_low=interval.low,
+            ci_high=interval.high,
+        )
+    )
     cells.per_query.append(
         per_query_frame("noise-ceiling", target, target, None, ceiling, preset=preset)
     )
 
 
-def _cell_lds(outcome: MethodRun, truth: GroundTruth, target: str) -> np.ndarray:
-    """``# [n_queries]`` LDS of an ok method run against the seed-averaged ``target``."""
-    predictions = (
-        outcome.predictions
-        if outcome.scores is None
-        else predictions_from_scores(outcome.scores, truth.masks)
-    )
-    return lds_per_query(predictions, truth.mean_over_seeds(target))
+def _bootstrap_seed(prepared: PreparedRun) -> int:
+    """One seed for every bootstrap of a run: every cell resamples the same queries and subsets."""
+    return derived_seed(prepared.setting.seed, "bootstrap")
+
+
+def _cell_predictions(outcome: MethodRun, truth: GroundTruth) -> np.ndarray:
+    """``# [n_subsets, n_queries]`` predicted measurements of an ok method run."""
+    if outcome.scores is None:
+        return outcome.predictions
+    return predictions_from_scores(outcome.scores, truth.masks)
 
 
 def _evaluate_cell(
@@ -349,12 +384,17 @@ def _evaluate_cell(
             masks=prepared.truth.masks,
         )
     outcome = runs[key]
+    cells.default_damping[name] = defaults.get("damping")
     extra = {"default_damping": defaults.get("damping")}
     if "quantize" in variant:
         extra["bits"] = _BITS[variant["quantize"]]
     lds = None
     if outcome.status == "ok":
-        lds = _cell_lds(outcome, prepared.truth, target)
+        predictions = _cell_predictions(outcome, prepared.truth)
+        targets = prepared.truth.mean_over_seeds(target)
+        lds = lds_per_query(predictions, targets)
+        interval = bootstrap_interval(predictions, targets, seed=_bootstrap_seed(prepared))
+        ci = {"ci_low": interval.low, "ci_high": interval.high}
         cells.per_query.append(
             per_query_frame(
                 name, outcome.measurement, target, outcome.damping, lds, preset=preset, **extra
@@ -362,6 +402,7 @@ def _evaluate_cell(
         )
         if "quantize" not in variant:
             cells.lds[(name, target, outcome.damping)] = lds
+            cells.predictions[(name, target, outcome.damping)] = predictions
         print(
             f"[{name}] {target}: LDS {summarize(lds).mean:.3f} ({outcome.seconds:.1f} s)",
             file=sys.stderr,
@@ -381,48 +422,134 @@ def _evaluate_cell(
             seconds=outcome.seconds,
             peak_memory_mb=outcome.peak_memory_mb,
             **extra,
+            **(ci if lds is not None else {}),
         )
     )
     if outcome.scores is not None:
         cells.influence_scores.setdefault(name, outcome.scores)
 
 
-# ---------------------------------------------------------------- stage 3: paired differences
+# ---------------------------------------------------------------- stage 3: held-out damping
 
 
-def paired_differences(
-    lds: dict[tuple[str, str, float | None], np.ndarray], reference: str
-) -> pd.DataFrame:
-    """Per-query paired differences of each method's LDS to the ``reference`` method's.
+HELD_OUT = "held-out"
+"""``selection`` of a row whose damping was chosen on held-out subsets (the headline)."""
+
+
+def _sweeps(cells: Cells) -> dict[tuple[str, str], dict[float, np.ndarray]]:
+    """``(method, target) -> damping -> # [n_subsets, n_queries]`` for methods with >= 2."""
+    sweeps: dict[tuple[str, str], dict[float, np.ndarray]] = {}
+    for (name, target, damping), predictions in cells.predictions.items():
+        if damping is not None:
+            sweeps.setdefault((name, target), {})[damping] = predictions
+    return {key: values for key, values in sweeps.items() if len(values) >= 2}
+
+
+def add_held_out_damping(cells: Cells, prepared: PreparedRun) -> None:
+    """Add the LDS at a damping chosen on held-out subsets, per method with several dampings.
+
+    The M subsets are split into two folds (``benchmarks.metrics.subset_folds``, seeded by the
+    run's seed); the damping with the best mean LDS on one fold is scored on the other, both
+    ways, and the two per-query LDS are averaged (``benchmarks.metrics.cross_fitted_lds``). The
+    row has ``selection = "held-out"``, no damping and the two choices in ``chosen_damping``.
+    The in-sample best of the same sweep (optimistic) is the best of the method's other rows.
 
     Args:
-        lds: ``(method, target, damping) -> # [n_queries]`` LDS (:attr:`Cells.lds`).
-        reference: the reference method (its first entry per target is the reference).
+        cells: the evaluated cells; rows, per-query tables and :attr:`Cells.held_out` grow.
+        prepared: the run's inputs (ground truth and setting).
+    """
+    setting, truth = prepared.setting, prepared.truth
+    if setting.n_subsets < 4:  # two folds of at least two subsets each
+        return
+    folds = subset_folds(setting.n_subsets, derived_seed(setting.seed, "damping-folds"))
+    for (name, target), by_damping in _sweeps(cells).items():
+        fit = cross_fitted_lds(by_damping, truth.mean_over_seeds(target), folds)
+        cells.held_out[(name, target)] = fit.per_query
+        measurement = next(
+            row["measurement"]
+            for row in cells.rows
+            if row["method"] == name and row["target"] == target
+        )
+        chosen = " | ".join("-" if v is None else f"{v:g}" for v in fit.chosen)
+        extra = {"default_damping": cells.default_damping.get(name), "selection": HELD_OUT}
+        after = max(
+            i
+            for i, row in enumerate(cells.rows)
+            if (row["method"], row["target"]) == (name, target)
+        )
+        cells.rows.insert(
+            after + 1,
+            result_row(
+                name,
+                measurement,
+                target,
+                None,
+                fit.per_query,
+                preset=setting.name,
+                chosen_damping=chosen,
+                **extra,
+            ),
+        )
+        cells.per_query.append(
+            per_query_frame(
+                name, measurement, target, None, fit.per_query, preset=setting.name, **extra
+            )
+        )
+
+
+# ---------------------------------------------------------------- stage 4: paired differences
+
+
+def _reference_lds(cells: Cells, reference: str, target: str) -> np.ndarray | None:
+    """The reference method's LDS at its default damping (its first cell if it has none)."""
+    default = cells.default_damping.get(reference)
+    entries = {d: v for (n, t, d), v in cells.lds.items() if n == reference and t == target}
+    if default in entries:
+        return entries[default]
+    return next(iter(entries.values()), None)
+
+
+def _paired_row(method: str, reference: str, target: str, damping, values, ref) -> dict:
+    diff = paired_difference(values, ref)
+    return {
+        "method": method,
+        "reference": reference,
+        "target": target,
+        "damping": damping,
+        "diff_mean": diff.mean,
+        "diff_se": diff.standard_error,
+    }
+
+
+def paired_differences(cells: Cells, reference: str) -> pd.DataFrame:
+    """Per-query paired differences of each method's LDS to the ``reference`` method's.
+
+    Each cell of another method (every damping it was evaluated at) is paired with the
+    reference at the reference's default damping; a held-out-tuned LDS is paired with the
+    reference's held-out-tuned LDS when the reference has one, else with its default.
+
+    Args:
+        cells: the evaluated cells (:attr:`Cells.lds`, :attr:`Cells.held_out`).
+        reference: the reference method.
 
     Returns:
-        One row per (method, target, damping) other than the reference's, columns
-        ``method, reference, target, damping, diff_mean, diff_se``.
+        One row per paired cell, columns ``method, reference, target, damping, diff_mean,
+        diff_se`` (``damping`` is ``"held-out"`` for the held-out-tuned rows).
     """
     rows = []
-    for (name, target, damping), values in lds.items():
-        ref = next((v for (n, t, _), v in lds.items() if n == reference and t == target), None)
-        if ref is None or name == reference:
-            continue
-        diff = paired_difference(values, ref)
-        rows.append(
-            {
-                "method": name,
-                "reference": reference,
-                "target": target,
-                "damping": damping,
-                "diff_mean": diff.mean,
-                "diff_se": diff.standard_error,
-            }
-        )
+    for (name, target, damping), values in cells.lds.items():
+        ref = _reference_lds(cells, reference, target)
+        if ref is not None and name != reference:
+            rows.append(_paired_row(name, reference, target, damping, values, ref))
+    for (name, target), values in cells.held_out.items():
+        ref = cells.held_out.get((reference, target))
+        ref = _reference_lds(cells, reference, target) if ref is None else ref
+        if ref is not None and name != reference:
+            rows.append(_paired_row(name, reference, target, HELD_OUT, values, ref))
     return pd.DataFrame(rows)
 
 
-# ---------------------------------------------------------------- stage 4: write
+# ---------------------------------------------------------------- stage 5: write
 
 
 def _write_figure_inputs(
@@ -498,8 +625,15 @@ def _print_report(
     print(format_table(summary))
     if not paired.empty:
         print("\nPaired differences of per-query LDS to", reference)
-        print(paired.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        shown = paired.assign(damping=[_damping_label(d) for d in paired["damping"]])
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwrote {summary_path}")
+
+
+def _damping_label(damping: Any) -> str:
+    if isinstance(damping, str):
+        return damping
+    return "—" if damping is None or pd.isna(damping) else f"{damping:g}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from benchmarks import lds
 from benchmarks.cli import DEFAULT_CACHE_DIR, nest_overrides, parse_key_values, usage_errors
 from benchmarks.io import atomic_write_text
 from benchmarks.lds import LDSConfig
+from benchmarks.metrics import overlaps_leader
 from benchmarks.plots import method_label, plot_lds_bars
 from benchmarks.provenance import collect_provenance
 from benchmarks.results import NOISE_CEILING_LABEL, NOISE_CEILING_METHOD, format_lds
@@ -47,28 +48,33 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
 
     ok = summary[summary["status"] == "ok"].sort_values("lds_mean", ascending=False)
     rest = summary[summary["status"] != "ok"]
+    tied = _tied_with_leader(ok)
     lines = [
         f"# Attribution leaderboard: preset `{preset}`",
         "",
         "LDS (Spearman rank correlation between predicted and retrained measurement across "
-        "training subsets), mean ± standard error over generated queries, target: diffusion "
-        f"loss. The {NOISE_CEILING_LABEL} is the seed-to-seed agreement of the ground truth.",
+        "training subsets), mean ± standard error over generated queries, and a 95% bootstrap "
+        "interval that resamples queries and subsets together; target: diffusion loss. The "
+        f"{NOISE_CEILING_LABEL} is the seed-to-seed agreement of the ground truth. ≈ marks every "
+        "method whose interval overlaps the leader's (the best method other than exact "
+        "retraining): the data cannot tell it from the leader.",
         "",
-        "| rank | method | LDS % | seconds | peak MB |",
-        "|---:|---|---:|---:|---:|",
+        "| rank | method | LDS % | 95% interval | ≈ leader | seconds | peak MB |",
+        "|---:|---|---:|---:|:---:|---:|---:|",
     ]
     rank = 0
-    for row in ok.itertuples():
-        is_ceiling = row.method == NOISE_CEILING_METHOD
+    for row in ok.to_dict("records"):
+        is_ceiling = row["method"] == NOISE_CEILING_METHOD
         rank += 0 if is_ceiling else 1
-        seconds = "" if pd.isna(row.seconds) else f"{row.seconds:.1f}"
-        memory = "" if pd.isna(row.peak_memory_mb) else f"{row.peak_memory_mb:.0f}"
+        seconds = "" if pd.isna(row["seconds"]) else f"{row['seconds']:.1f}"
+        memory = "" if pd.isna(row["peak_memory_mb"]) else f"{row['peak_memory_mb']:.0f}"
         lines.append(
-            f"| {'' if is_ceiling else rank} | {name(row.method)} | "
-            f"{format_lds(row.lds_mean, row.lds_se)} | {seconds} | {memory} |"
+            f"| {'' if is_ceiling else rank} | {name(row['method'])} | "
+            f"{format_lds(row['lds_mean'], row['lds_se'])} | {_interval(row)} | "
+            f"{'≈' if tied.get(row['method']) else ''} | {seconds} | {memory} |"
         )
     for row in rest.itertuples():
-        lines.append(f"| – | {name(row.method)} | {row.status}: {row.reason} | | |")
+        lines.append(f"| – | {name(row.method)} | {row.status}: {row.reason} | | | | |")
     packages = provenance.get("packages", {})
     lines += [
         "",
@@ -80,6 +86,26 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
         "",
     ]
     return "\n".join(lines)
+
+
+REFERENCE_ROWS = (NOISE_CEILING_METHOD, "retrain")
+"""Rows that are references, not competitors: never the leader, never marked."""
+
+
+def _interval(row: dict) -> str:
+    low, high = row.get("ci_low", float("nan")), row.get("ci_high", float("nan"))
+    return "" if pd.isna(low) or pd.isna(high) else f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _tied_with_leader(ok: pd.DataFrame) -> dict[str, bool]:
+    """Method -> whether its bootstrap interval overlaps the leader's (methods with one)."""
+    rows = ok[~ok["method"].isin(REFERENCE_ROWS)]
+    if "ci_low" not in rows.columns:
+        return {}
+    rows = rows[rows["ci_low"].notna() & rows["ci_high"].notna()]
+    intervals = {r["method"]: (r["ci_low"], r["ci_high"]) for r in rows.to_dict("records")}
+    means = {r["method"]: r["lds_mean"] for r in rows.to_dict("records")}
+    return overlaps_leader(intervals, means) if intervals else {}
 
 
 def run(

@@ -329,8 +329,10 @@ def _lds_bar_rows(
     """Figure 2's tidy frame and its noise-ceiling rows, both from ``best_and_default``.
 
     The frame has one row per method row to show (``methods`` in that order, else table
-    order), with ``label`` (unique), ``kind`` (bar colour), ``value``/``se`` (best damping,
-    percent) and ``default``/``default_se`` (default damping, percent).
+    order), with ``label`` (unique), ``kind`` (bar colour), ``value``/``se`` (the headline, in
+    percent: the LDS at the damping chosen on held-out subsets where the run has one, else the
+    best damping's), ``optimistic`` (the in-sample best where the bar is held-out-tuned, else
+    NaN) and ``default``/``default_se`` (default damping, percent).
     """
     table = best_and_default(summary_df, defaults)
     ceiling = table[table["method"] == NOISE_CEILING_METHOD]
@@ -356,9 +358,26 @@ def _lds_bar_rows(
         else ("substituted measurement" if _substituted(me, target) else "best damping")
         for m, me in pairs
     ]
-    rows["value"], rows["se"] = 100 * rows["lds_best"], 100 * rows["se_best"]
+    tuned = np.isfinite(rows["lds_tuned"].to_numpy(dtype=float))
+    rows["value"] = 100 * np.where(tuned, rows["lds_tuned"], rows["lds_best"])
+    rows["se"] = 100 * np.where(tuned, rows["se_tuned"], rows["se_best"])
+    rows["optimistic"] = np.where(tuned, 100 * rows["lds_best"], np.nan)
     rows["default"], rows["default_se"] = 100 * rows["lds_default"], 100 * rows["se_default"]
     return rows, ceiling
+
+
+def _draw_optimistic(ax: Axes, rows: pd.DataFrame) -> None:
+    """Small crosses at the in-sample best damping's LDS (optimistic) where a bar is tuned."""
+    marked = rows[np.isfinite(rows["optimistic"].to_numpy(dtype=float))]
+    if not marked.empty:
+        ax.scatter(
+            marked["optimistic"],
+            marked.index,
+            marker="x",
+            color="0.3",
+            zorder=3,
+            label="in-sample best damping (optimistic)",
+        )
 
 
 def _shows_default(row: NamedTuple) -> bool:
@@ -401,9 +420,11 @@ def _annotate_rows(
             reason = f"  n/a ({row.status}: {_short(str(row.reason), 48)})"
             ax.text(x_min, y, reason, va="center", fontsize=8, color="0.4")
             continue
-        text = format_lds(row.lds_best, row.se_best)
+        text = format_lds(row.value / 100, row.se / 100)
         if np.isfinite(row.lds_default) and row.method in defaults:
             text += f" ({row.default:.1f})"
+        if np.isfinite(row.optimistic):
+            text += f" [optimistic {row.optimistic:.1f}]"
         ax.annotate(text, xy=(1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=8)
 
 
@@ -413,6 +434,7 @@ def _x_range(rows: pd.DataFrame, ceiling: pd.DataFrame) -> tuple[float, float]:
         [
             rows["value"].to_numpy() + np.nan_to_num(rows["se"].to_numpy()),
             rows["default"].to_numpy(),
+            rows["optimistic"].to_numpy(dtype=float),
             100 * ceiling["lds_best"].to_numpy(),
             [0.0],
         ]
@@ -482,6 +504,7 @@ def lds_bars_figure(
                 patch.set_hatch("//")
                 patch.set_edgecolor("white")
     _draw_defaults(ax, rows)
+    _draw_optimistic(ax, rows)
     _annotate_rows(ax, rows, defaults, x_min)
     for row in ceiling.itertuples(index=False):
         if np.isfinite(row.lds_best):

@@ -121,6 +121,7 @@ def lds_markdown(
     df = validate_summary(summary_df)
     table = best_and_default(df[df["target"] == target], default_damping)
     table = plots.in_table_order(table, target)
+    tuned_any = bool(np.isfinite(table["lds_tuned"].to_numpy(dtype=float)).any())
     rows = []
     for r in table.itertuples(index=False):
         if r.status != "ok":
@@ -129,16 +130,20 @@ def lds_markdown(
             value = format_lds(r.lds_best, r.se_best)
             if r.method in default_damping:
                 value += " (—)" if math.isnan(r.lds_default) else f" ({100 * r.lds_default:.1f})"
-        rows.append(
-            {
-                "method": plots.bar_label(r.method, r.measurement, target, {}),
-                "measurement": r.measurement,
-                "LDS % best (default)": value,
-                "best damping": _damping_text(r.damping_best),
-                "default damping": _damping_text(r.damping_default),
-                "n": r.n_best,
-            }
-        )
+        row = {
+            "method": plots.bar_label(r.method, r.measurement, target, {}),
+            "measurement": r.measurement,
+            "LDS % best (default)": value,
+            "best damping": _damping_text(r.damping_best),
+            "default damping": _damping_text(r.damping_default),
+            "n": r.n_best,
+        }
+        if tuned_any:
+            held_out = "" if math.isnan(r.lds_tuned) else format_lds(r.lds_tuned, r.se_tuned)
+            row["LDS % held-out-tuned (chosen)"] = (
+                f"{held_out} ({r.chosen_damping_tuned})" if held_out else ""
+            )
+        rows.append(row)
     return markdown_table(pd.DataFrame(rows))
 
 

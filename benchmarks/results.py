@@ -107,6 +107,9 @@ PER_QUERY_COLUMNS: tuple[str, ...] = ("method", "measurement", "target", "dampin
 STATUSES: tuple[str, ...] = ("ok", "unavailable", "failed")
 """Allowed values of the ``status`` column."""
 
+HELD_OUT_SELECTION = "held-out"
+"""``selection`` value of a row whose damping was chosen on held-out subsets (cross-fitted)."""
+
 NOISE_CEILING_METHOD = "noise-ceiling"
 """``method`` value of rows holding :func:`benchmarks.metrics.noise_ceiling` summaries."""
 
@@ -608,8 +611,9 @@ def _shorten(text: str, width: int) -> str:
 def format_table(summary_df: pd.DataFrame) -> str:
     """A plain-text table of a summary for the terminal, one line per row, in input order.
 
-    Columns: method | measurement | target | damping | LDS % mean ± s.e. | n | seconds |
-    peak MB | status (with the reason when not ``ok``).
+    Columns: method | measurement | target | damping (``held-out: a | b`` for a damping chosen
+    on held-out subsets, the two folds' choices) | LDS % mean ± s.e. | 95% bootstrap interval
+    over queries and subsets | n | seconds | peak MB | status (with the reason when not ``ok``).
     """
     df = validate_summary(summary_df)
     header = [
@@ -618,32 +622,34 @@ def format_table(summary_df: pd.DataFrame) -> str:
         "target",
         "damping",
         "LDS % mean ± s.e.",
+        "95% interval",
         "n",
         "seconds",
         "peak MB",
         "status",
     ]
     rows = []
-    for r in df.itertuples(index=False):
-        ok = r.status == "ok"
+    for r in df.to_dict("records"):
+        ok = r["status"] == "ok"
         rows.append(
             [
-                r.method,
-                r.measurement,
-                r.target,
-                _fmt_number(r.damping, "%.0e"),
-                format_lds(r.lds_mean, r.lds_se) if ok else "—",
-                str(r.n_queries) if ok else "—",
-                _fmt_number(r.seconds, "%.1f"),
-                _fmt_number(r.peak_memory_mb, "%.0f"),
-                r.status if ok else _shorten(f"{r.status}: {r.reason}", 72),
+                r["method"],
+                r["measurement"],
+                r["target"],
+                _damping_text(r),
+                format_lds(r["lds_mean"], r["lds_se"]) if ok else "—",
+                _interval_text(r),
+                str(r["n_queries"]) if ok else "—",
+                _fmt_number(r["seconds"], "%.1f"),
+                _fmt_number(r["peak_memory_mb"], "%.0f"),
+                r["status"] if ok else _shorten(f"{r['status']}: {r['reason']}", 72),
             ]
         )
     widths = [
         max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
         for i, h in enumerate(header)
     ]
-    right = {3, 4, 5, 6, 7}
+    right = {3, 4, 5, 6, 7, 8}
 
     def line(cells: list[str]) -> str:
         parts = [
@@ -655,6 +661,44 @@ def format_table(summary_df: pd.DataFrame) -> str:
     out = [line(header), "-+-".join("-" * w for w in widths)]
     out.extend(line(row) for row in rows)
     return "\n".join(out)
+
+
+def _tuned_columns(tuned_rows: pd.DataFrame, groups: list[str], key: tuple) -> dict[str, Any]:
+    """The held-out-tuned row of one group as ``lds_tuned, se_tuned, n_tuned, chosen_...``."""
+    match = tuned_rows
+    for column, value in zip(groups, key, strict=True):
+        match = match[match[column].isna()] if pd.isna(value) else match[match[column] == value]
+    if match.empty:
+        return {
+            "lds_tuned": math.nan,
+            "se_tuned": math.nan,
+            "n_tuned": 0,
+            "chosen_damping_tuned": "",
+        }
+    row = match.iloc[0]
+    return {
+        "lds_tuned": float(row["lds_mean"]),
+        "se_tuned": float(row["lds_se"]),
+        "n_tuned": int(row["n_queries"]),
+        "chosen_damping_tuned": str(row.get("chosen_damping", "")),
+    }
+
+
+def _damping_text(row: Mapping[str, Any]) -> str:
+    if _is_held_out(row.get("selection")):
+        return f"held-out: {row.get('chosen_damping', '')}"
+    return _fmt_number(row["damping"], "%.0e")
+
+
+def _interval_text(row: Mapping[str, Any]) -> str:
+    low, high = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
+    if pd.isna(low) or pd.isna(high):
+        return ""
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _is_held_out(selection: Any) -> bool:
+    return isinstance(selection, str) and selection == HELD_OUT_SELECTION
 
 
 def _group_columns(df: pd.DataFrame) -> list[str]:
@@ -673,21 +717,36 @@ def best_and_default(
     (relative tolerance 1e-9; None: each registered method's default damping,
     :func:`methods.registry.default_dampings`). A method without damping (all NaN) or without an
     entry in ``default_damping`` has ``default`` = ``best`` only when it has a single row, else
-    NaN.
+    NaN. ``best`` is the in-sample best: optimistic, since the damping is chosen on the numbers
+    it reports. A row with ``selection = "held-out"`` (damping chosen on held-out subsets, see
+    ``benchmarks.lds.add_held_out_damping``) is never a ``best`` or ``default`` candidate; it
+    fills the ``tuned`` columns (NaN without one).
+
+    Args:
+        summary_df: a summary table (:data:`SUMMARY_COLUMNS`, optional ``selection``).
+        default_damping: method -> default damping (None: the registry's).
 
     Returns:
         One row per group, in first-appearance order, columns: the group columns, ``status``
         (``ok`` when a best row exists, else the group's first status), ``reason``,
         ``damping_best``, ``lds_best``, ``se_best``, ``n_best``, ``damping_default``,
-        ``lds_default``, ``se_default``, ``n_default``.
+        ``lds_default``, ``se_default``, ``n_default``, ``lds_tuned``, ``se_tuned``,
+        ``n_tuned``, ``chosen_damping_tuned``.
     """
     df = validate_summary(summary_df)
     if default_damping is None:
         default_damping = default_dampings(df["method"])
+    held_out = (
+        df["selection"].map(_is_held_out)
+        if "selection" in df.columns
+        else pd.Series(False, index=df.index)
+    )
+    tuned_rows, df = df[held_out], df[~held_out]
     groups = _group_columns(df)
     records = []
     for key, group in df.groupby(groups, sort=False, dropna=False):
         record = dict(zip(groups, key, strict=True))
+        record.update(_tuned_columns(tuned_rows, groups, key))
         ok = group[group["status"] == "ok"]
         ok = ok[ok["lds_mean"].notna()]
         nan = {"damping": math.nan, "lds_mean": math.nan, "lds_se": math.nan, "n_queries": 0}

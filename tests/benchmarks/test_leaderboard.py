@@ -16,6 +16,7 @@ PROVENANCE = {"git_commit": "abc1234", "packages": {"torch": "2.x"}, "cpu_count"
 
 
 def _summary() -> pd.DataFrame:
+    intervals = {"random": (0.0, 0.35), "kfac": (0.3, 0.5), "pixel": (0.2, 0.2)}
     rows = [
         result_row("random", "loss", "loss", None, np.array([0.0, 0.1]), preset="p"),
         result_row("kfac", "loss", "loss", 1e-8, np.array([0.3, 0.5]), preset="p"),
@@ -32,6 +33,8 @@ def _summary() -> pd.DataFrame:
         ),
         result_row("pixel", "loss", "loss", None, np.array([0.2, 0.2]), preset="p"),
     ]
+    for row in rows:
+        row["ci_low"], row["ci_high"] = intervals.get(row["method"], (np.nan, np.nan))
     return pd.DataFrame(rows)
 
 
@@ -49,6 +52,13 @@ def test_ranks_by_mean_lds_with_the_ceiling_unranked_and_unavailable_last():
     assert rows[1][2].startswith("40.0")  # mean of 0.3 and 0.5, in %
     assert [r[1].split("`")[1] for r in rows[2:]] == ["pixel", "random", "clip"]
     assert "unavailable: no CLIP weights" in rows[4][2]
+
+
+def test_marks_the_methods_whose_interval_overlaps_the_leaders():
+    rows = _table_rows(leaderboard.leaderboard_markdown(_summary(), PROVENANCE, "p"))
+    marks = {r[1].split("`")[1]: r[4] for r in rows[1:4]}
+    assert marks == {"kfac": "≈", "pixel": "", "random": "≈"}  # kfac leads; pixel is apart
+    assert rows[1][3] == "[30.0, 50.0]"
 
 
 def test_names_the_commit_and_the_preset():

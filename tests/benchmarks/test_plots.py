@@ -248,3 +248,20 @@ def test_timestep_heatmap_cells_match_the_matrix():
     cells = fig.axes[0].collections[0].get_array().reshape(2, 2)
     np.testing.assert_allclose(cells, [[20.0, 30.0], [10.0, 40.0]])
     assert fig.axes[0].get_title() == "K-FAC influence: per-timestep LDS"
+
+
+def test_a_held_out_tuned_row_is_the_bar_and_the_in_sample_best_a_cross():
+    summary = _summary()
+    lds = np.array([0.1, 0.2, 0.3, 0.2])
+    held_out = result_row("kfac", "loss", "loss", None, lds, preset="p", selection="held-out")
+    summary = pd.concat([summary, pd.DataFrame([held_out])], ignore_index=True)
+    fig = plots.lds_bars_figure(summary, target="loss")
+    ax = fig.axes[0]
+    table = best_and_default(summary[summary["target"] == "loss"], default_dampings())
+    kfac = table[(table["method"] == "kfac") & (table["measurement"] == "loss")].iloc[0]
+    assert kfac["lds_tuned"] == pytest.approx(lds.mean())
+    y = _tick_positions(ax)[plots.bar_label("kfac", "loss", "loss", {})]
+    assert _at(_bars(ax), y)[1] == pytest.approx(100 * lds.mean())
+    (crosses,) = [c for c in ax.collections if c.get_label().startswith("in-sample best")]
+    assert list(crosses.get_offsets()[0]) == pytest.approx([100 * kfac["lds_best"], y])
+    plt.close(fig)
