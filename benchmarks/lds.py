@@ -43,11 +43,7 @@ from benchmarks.metrics import (
     summarize,
 )
 from benchmarks.pipeline import (
-    QuerySet,
     derived_seed,
-    get_base_model,
-    get_queries,
-    load_train_set,
 )
 from benchmarks.provenance import StageLog
 from benchmarks.results import (
@@ -59,11 +55,17 @@ from benchmarks.results import (
     save_model_correlation,
     write_results,
 )
-from benchmarks.runner import Experiment, MethodRun, build_method, prepare_run, run_method
+from benchmarks.runner import (
+    Experiment,
+    MethodRun,
+    build_method,
+    prepare_experiment,
+    prepare_run,
+    run_method,
+)
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
 from diffusion.measurements import parse_measurement
-from diffusion.unet import UNet
 
 DEFAULT_SWEEP = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1e1, 1e3)
 
@@ -225,27 +227,6 @@ def _needs_trajectories(config: LDSConfig) -> bool:
     )
 
 
-def _get_queries(
-    config: LDSConfig, setting: Setting, store: ArtifactStore, model: UNet, device: torch.device
-) -> QuerySet:
-    """The queries, with trajectories when a measurement needs them.
-
-    The plain set is stored too: the ground truth reads it.
-    """
-    with_trajectories = _needs_trajectories(config)
-    queries = get_queries(
-        setting,
-        store,
-        model,
-        device=device,
-        progress=config.progress,
-        with_trajectories=with_trajectories,
-    )
-    if with_trajectories:
-        get_queries(setting, store, model, device=device, progress=False)
-    return queries
-
-
 def _ground_truth(
     config: LDSConfig, setting: Setting, store: ArtifactStore, n_train: int, device: torch.device
 ) -> GroundTruth:
@@ -280,19 +261,13 @@ def prepare(config: LDSConfig) -> PreparedRun:
         config.threads,
         config.options,
     )
-    store = ArtifactStore(Path(config.cache_dir))
-    stages = StageLog()
-    with stages.stage("data"):
-        train_set = load_train_set(setting, config.data_dir)
-    with stages.stage("base_model"):
-        model = get_base_model(setting, store, train_set, device=device, progress=config.progress)
-    with stages.stage("queries"):
-        queries = _get_queries(config, setting, store, model, device)
-    with stages.stage("ground_truth"):
-        truth = _ground_truth(config, setting, store, len(train_set), device)
-    experiment = Experiment(
-        setting, store, model, train_set.images, queries, device, config.progress
+    experiment, stages = prepare_experiment(
+        setting, device, config, with_trajectories=_needs_trajectories(config)
     )
+    with stages.stage("ground_truth"):
+        truth = _ground_truth(
+            config, setting, experiment.store, len(experiment.train_images), device
+        )
     return PreparedRun(setting, experiment, truth, stages)
 
 

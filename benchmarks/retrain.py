@@ -37,15 +37,13 @@ from benchmarks.metrics import summarize
 from benchmarks.pipeline import (
     QuerySet,
     derived_seed,
-    get_base_model,
-    get_queries,
     load_train_set,
     measure_queries,
     queries_spec,
 )
 from benchmarks.provenance import StageLog
 from benchmarks.results import RUN_RECORD_SUFFIX, RunRecord, write_run_record
-from benchmarks.runner import Experiment, prepare_run, run_method
+from benchmarks.runner import Experiment, prepare_experiment, prepare_run, run_method
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
 
@@ -246,26 +244,16 @@ def prepare(config: RetrainBenchmarkConfig) -> PreparedRetrain:
         config.threads,
         config.options,
     )
-    store = ArtifactStore(Path(config.cache_dir))
-    stages = StageLog()
-    with stages.stage("data"):
-        train_set = load_train_set(setting, config.data_dir)
-    with stages.stage("base_model"):
-        model = get_base_model(setting, store, train_set, device=device, progress=config.progress)
-    with stages.stage("queries"):
-        queries = get_queries(setting, store, model, device=device, progress=config.progress)
+    experiment, stages = prepare_experiment(setting, device, config)
     with stages.stage("base_measurement"):
         base_values = measure_queries(
-            model,
+            experiment.model,
             setting,
-            queries,
+            experiment.queries,
             config.measurement,
             n_samples=setting.gt_mc_samples,
             device=device,
         )[: setting.n_retrain_queries]
-    experiment = Experiment(
-        setting, store, model, train_set.images, queries, device, config.progress
-    )
     fractions = tuple(config.fractions or setting.retrain_fractions)
     return PreparedRetrain(setting, experiment, fractions, base_values, stages)
 

@@ -12,21 +12,26 @@ import sys
 import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks.cli import RunOptions
 from benchmarks.errors import UsageError
 from benchmarks.groundtruth import get_or_train_model
 from benchmarks.pipeline import (
     QuerySet,
     derived_seed,
+    get_base_model,
+    get_queries,
+    load_train_set,
     measure_queries,
     queries_spec,
     resolve_device,
 )
-from benchmarks.provenance import StageTimer
+from benchmarks.provenance import StageLog, StageTimer
 from benchmarks.settings import Setting, get_preset
 from benchmarks.store import ArtifactStore
 from diffusion.measurements import parse_measurement
@@ -166,6 +171,50 @@ def check_options(options: Mapping[str, Any], methods: tuple[str, ...]) -> None:
             f"--option {', '.join(unknown)}: no selected method has this option. "
             f"Options of the selected methods: {listing}"
         )
+
+
+def prepare_experiment(
+    setting: Setting,
+    device: torch.device,
+    options: RunOptions,
+    *,
+    with_trajectories: bool = False,
+) -> tuple[Experiment, StageLog]:
+    """Get (train or load) what every runner's cells share, each a timed stage.
+
+    The data, the base model and the queries (with trajectories when asked; the plain query set
+    is stored too, as the ground truth reads it).
+
+    Args:
+        setting: the resolved setting (:func:`prepare_run`).
+        device: where to compute.
+        options: the runner's options (cache directory, data directory, progress).
+        with_trajectories: also sample and store the queries' sampling trajectories.
+
+    Returns:
+        ``(experiment, stages)``: the prepared inputs and the timings of the three stages.
+    """
+    store = ArtifactStore(Path(options.cache_dir))
+    stages = StageLog()
+    with stages.stage("data"):
+        train_set = load_train_set(setting, options.data_dir)
+    with stages.stage("base_model"):
+        model = get_base_model(setting, store, train_set, device=device, progress=options.progress)
+    with stages.stage("queries"):
+        queries = get_queries(
+            setting,
+            store,
+            model,
+            device=device,
+            progress=options.progress,
+            with_trajectories=with_trajectories,
+        )
+        if with_trajectories:
+            get_queries(setting, store, model, device=device, progress=False)
+    experiment = Experiment(
+        setting, store, model, train_set.images, queries, device, options.progress
+    )
+    return experiment, stages
 
 
 def build_method(name: str, options: dict[str, Any]) -> AttributionMethod:
