@@ -528,12 +528,13 @@ def paired_differences(cells: Cells, reference: str) -> pd.DataFrame:
 
 
 def _write_figure_inputs(
-    out_dir: Path, run_name: str, prepared: PreparedRun, cells: Cells
+    out_dir: Path, run_name: str, prepared: PreparedRun, cells: Cells, data_dir: str | None
 ) -> dict[str, Path]:
     """Write Figure 17's input per target and Figure 1's per method with scores.
 
     Figure 17's: one measurement by two seeds of subset 0, when K >= 2. Figure 1's: queries,
-    training set and scores.
+    scores and a reference to the training set (data set name and ``data_dir``; the scores'
+    columns are its positions), not its pixels.
     """
     files = {}
     truth, setting = prepared.truth, prepared.setting
@@ -551,8 +552,9 @@ def _write_figure_inputs(
         files[f"influence_examples.{name}"] = save_influence_examples(
             out_dir / f"{run_name}.{name}.influence_examples.npz",
             prepared.experiment.queries.images.numpy(),
-            prepared.experiment.train_images.numpy(),
             scores,
+            dataset=setting.dataset,
+            data_dir=data_dir,
         )
     return files
 
@@ -580,7 +582,7 @@ def write_run(
     """
     out_dir = Path(config.out) / "lds" / prepared.setting.name
     summary, per_query, paired = tables
-    figures = _write_figure_inputs(out_dir, run_name, prepared, cells)
+    figures = _write_figure_inputs(out_dir, run_name, prepared, cells, config.data_dir)
     record = RunRecord(config, setting=prepared.setting.to_dict(), stages=prepared.stages)
     written = write_results(
         out_dir,

@@ -14,7 +14,9 @@ every figure whose inputs are missing. Inputs looked for (recursively under ``--
 - ``*.model_correlation.npz`` written by
   :func:`benchmarks.results.save_model_correlation`: Figure 17.
 - ``*.influence_examples.npz`` written by
-  :func:`benchmarks.results.save_influence_examples`: Figure 1.
+  :func:`benchmarks.results.save_influence_examples`: Figure 1. The training images are read
+  from the data set the file names (by position; CIFAR from the stored data directory or the
+  download cache, never downloaded), so Figure 1 is skipped when that data set is unavailable.
 
 Outputs (in ``--out``): PNG figures, Markdown tables, and ``index.md`` listing what was built
 and what was skipped and why.
@@ -42,6 +44,7 @@ from benchmarks.results import (
     load_results,
     validate_summary,
 )
+from datasets import DatasetUnavailableError, load_dataset
 from methods.registry import REGISTRY, default_dampings
 
 __all__ = [
@@ -249,7 +252,7 @@ def build_reports(
     def attempt(name: str, fn: Callable[[], Path | Sequence[Path]]) -> None:
         try:
             made = fn()
-        except (ValueError, KeyError, OSError) as error:
+        except (ValueError, KeyError, OSError, DatasetUnavailableError) as error:
             out.skipped.append(f"{name}: {error}")
             log(f"skipped {name}: {error}")
             return
@@ -351,16 +354,18 @@ def build_reports(
     example_files = sorted(root.rglob("*.influence_examples.npz"))
     if not example_files:
         skip("Figure 1: no *.influence_examples.npz (see save_influence_examples)")
+    train_sets: dict[tuple[str, str | None], np.ndarray] = {}
     for path in example_files:
         stem = _stem(path, ".influence_examples.npz")
 
         def fig1(path: Path = path, stem: str = stem) -> Path:
             data = load_influence_examples(path)
+            train_images = _influence_train_images(data, train_sets)
             n = min(config.max_queries, data["query_images"].shape[0])
-            k = min(config.top_k, data["train_images"].shape[0])
+            k = min(config.top_k, train_images.shape[0])
             return plots.plot_influence_grid(
                 data["query_images"][:n],
-                data["train_images"],
+                train_images,
                 data["scores"][:n],
                 out_dir / f"fig1_influences.{stem}.png",
                 k=k,
@@ -373,6 +378,40 @@ def build_reports(
     index += ["", "## Skipped", ""] + ([f"- {s}" for s in out.skipped] or ["(nothing)"])
     out.built.append(atomic_write_text(out_dir / "index.md", "\n".join(index) + "\n"))
     return out
+
+
+def _influence_train_images(
+    examples: Mapping[str, object], loaded: dict[tuple[str, str | None], np.ndarray]
+) -> np.ndarray:
+    """``# [N, C, H, W]`` the training images that the columns of ``examples["scores"]`` score.
+
+    Positions ``0 .. n_train - 1`` of the data set the file names (the setting's capped
+    training set), or the pixels an old file stored itself.
+
+    Args:
+        examples: the output of :func:`benchmarks.results.load_influence_examples`.
+        loaded: ``(dataset, data_dir) -> # [n, C, H, W]`` data sets already read (filled in).
+
+    Returns:
+        The training images, in [-1, 1].
+
+    Raises:
+        DatasetUnavailableError: the data set is neither in ``data_dir`` nor in the cache.
+        ValueError: the data set has fewer than ``n_train`` images.
+    """
+    if "train_images" in examples:  # a file written before training sets were referenced
+        return np.asarray(examples["train_images"])
+    key = (str(examples["dataset"]), examples["data_dir"])
+    if key not in loaded:
+        dataset = load_dataset(key[0], data_dir=key[1], download=False)
+        loaded[key] = dataset.images.numpy()
+    images, n_train = loaded[key], int(examples["n_train"])
+    if n_train > images.shape[0]:
+        raise ValueError(
+            f"the scores have {n_train} training columns but data set {key[0]!r} has only "
+            f"{images.shape[0]} images; rerun the benchmark to rewrite the file."
+        )
+    return images[:n_train]
 
 
 def _build_lds_figures(

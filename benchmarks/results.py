@@ -491,35 +491,75 @@ def load_model_correlation(path: str | Path) -> dict[str, object]:
 def save_influence_examples(
     path: str | Path,
     query_images: np.ndarray,
-    train_images: np.ndarray,
     scores: np.ndarray,
+    *,
+    dataset: str,
+    data_dir: str | Path | None = None,
 ) -> Path:
-    """Store the input of Figure 1: queries, training images and their scores.
+    """Store the input of Figure 1: queries, their scores, and where the training set is.
+
+    The training images are not stored: column ``j`` of ``scores`` is position ``j`` of the
+    training set, i.e. of the first ``N`` images of ``datasets.load_dataset(dataset,
+    data_dir=data_dir)`` (the setting's training set, ``benchmarks.pipeline.load_train_set``).
 
     Args:
         path: the file to write atomically; should end in ``.influence_examples.npz``.
         query_images: ``# [Q, C, H, W]`` in [-1, 1] (stored as float32).
-        train_images: ``# [N, C, H, W]`` in [-1, 1] (stored as float32).
-        scores: ``# [Q, N]`` attribution scores (stored as float64).
+        scores: ``# [Q, N]`` attribution scores (stored as float64); ``N`` is stored as
+            ``n_train``.
+        dataset: the training set's data set name (``Setting.dataset``).
+        data_dir: the data directory it was loaded from (None: the data set's default); stored
+            as an absolute path, so a report run from elsewhere finds it.
 
     Returns:
         ``path``.
     """
     q = np.asarray(query_images, dtype=np.float32)
-    t = np.asarray(train_images, dtype=np.float32)
     s = np.asarray(scores, dtype=np.float64)
-    if q.ndim != 4 or t.ndim != 4 or s.shape != (q.shape[0], t.shape[0]):
+    if q.ndim != 4 or s.ndim != 2 or s.shape[0] != q.shape[0]:
         raise ValueError(
-            f"need query_images [Q, C, H, W], train_images [N, C, H, W], scores [Q, N]; got "
-            f"{q.shape}, {t.shape}, {s.shape}."
+            f"need query_images [Q, C, H, W] and scores [Q, N]; got {q.shape}, {s.shape}."
         )
-    return _save_npz(path, query_images=q, train_images=t, scores=s)
+    if not dataset:
+        raise ValueError("dataset must name the training set's data set.")
+    return _save_npz(
+        path,
+        query_images=q,
+        scores=s,
+        dataset=np.str_(dataset),
+        n_train=np.int64(s.shape[1]),
+        data_dir=np.str_("" if data_dir is None else str(Path(data_dir).expanduser().resolve())),
+    )
 
 
-def load_influence_examples(path: str | Path) -> dict[str, np.ndarray]:
-    """Read :func:`save_influence_examples`'s file: keys query_images, train_images, scores."""
+def load_influence_examples(path: str | Path) -> dict[str, Any]:
+    """Read :func:`save_influence_examples`'s file.
+
+    Returns:
+        ``query_images`` ``# [Q, C, H, W]``, ``scores`` ``# [Q, N]``, and the training set's
+        reference: ``dataset`` (str), ``n_train`` (int, ``N``), ``data_dir`` (str or None).
+        A file written before the reference existed holds the pixels instead: then
+        ``train_images`` ``# [N, C, H, W]`` is returned and ``dataset``/``data_dir`` are None.
+    """
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in ("query_images", "train_images", "scores")}
+        examples: dict[str, Any] = {
+            "query_images": data["query_images"],
+            "scores": data["scores"],
+        }
+        if "train_images" in data.files:  # old format: the training set itself
+            examples.update(
+                train_images=data["train_images"],
+                n_train=int(data["train_images"].shape[0]),
+                dataset=None,
+                data_dir=None,
+            )
+        else:
+            examples.update(
+                dataset=str(data["dataset"]),
+                n_train=int(data["n_train"]),
+                data_dir=str(data["data_dir"]) or None,
+            )
+        return examples
 
 
 # ---------------------------------------------------------------- loading

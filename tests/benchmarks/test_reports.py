@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import plots, reports, results
 from benchmarks.results import RunRecord, per_query_frame, result_row, write_results
+from datasets import load_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -257,9 +258,92 @@ def test_npz_inputs_round_trip(tmp_path):
         results.save_influence_examples(
             tmp_path / "y.influence_examples.npz",
             np.zeros((1, 1, 4, 4)),
-            np.zeros((3, 1, 4, 4)),
-            np.zeros((1, 2)),
+            np.zeros((2, 3)),
+            dataset="digits",
         )
+
+
+def _influence_inputs(n_queries=3, n_train=40):
+    """Digits queries and ``# [Q, n_train]`` scores against the first ``n_train`` digits."""
+    digits = load_dataset("digits").images.numpy()
+    rng = np.random.default_rng(5)
+    return digits[-n_queries:], rng.normal(size=(n_queries, n_train)), digits[:n_train]
+
+
+def test_influence_examples_store_a_reference_not_the_training_set(tmp_path):
+    queries, scores, _ = _influence_inputs()
+    path = results.save_influence_examples(
+        tmp_path / "r.kfac.influence_examples.npz",
+        queries,
+        scores,
+        dataset="digits",
+        data_dir=tmp_path / "data",
+    )
+    with np.load(path, allow_pickle=False) as raw:
+        assert "train_images" not in raw.files
+        assert all(raw[key].ndim <= 2 for key in raw.files if key != "query_images")
+    data = results.load_influence_examples(path)
+    np.testing.assert_array_equal(data["query_images"], queries)
+    np.testing.assert_array_equal(data["scores"], scores)
+    assert (data["dataset"], data["n_train"]) == ("digits", 40)
+    assert data["data_dir"] == str((tmp_path / "data").resolve())
+    path = results.save_influence_examples(path, queries, scores, dataset="digits")
+    assert results.load_influence_examples(path)["data_dir"] is None
+
+
+def test_old_influence_examples_with_training_images_still_load(tmp_path):
+    queries, scores, train = _influence_inputs()
+    path = tmp_path / "old.influence_examples.npz"
+    np.savez(path, query_images=queries, train_images=train, scores=scores)
+    data = results.load_influence_examples(path)
+    np.testing.assert_array_equal(data["train_images"], train)
+    assert (data["dataset"], data["n_train"]) == (None, 40)
+
+
+def test_figure1_draws_the_training_images_by_position(tmp_path, monkeypatch):
+    queries, scores, train = _influence_inputs()
+    res = tmp_path / "res"
+    results.save_influence_examples(
+        res / "new.influence_examples.npz", queries, scores, dataset="digits"
+    )
+    old_file = res / "old.influence_examples.npz"  # the format that stored the pixels
+    np.savez(old_file, query_images=queries, train_images=train, scores=scores)
+    drawn = {}
+    draw = plots.plot_influence_grid
+
+    def spy(query_images, train_images, scores, out_path, **kwargs):
+        drawn[out_path.name] = np.array(train_images)
+        return draw(query_images, train_images, scores, out_path, **kwargs)
+
+    monkeypatch.setattr(reports.plots, "plot_influence_grid", spy)
+    out = reports.build_reports(
+        reports.ReportConfig(results_dir=res, out_dir=tmp_path / "out", top_k=3), log=None
+    )
+    assert sorted(drawn) == ["fig1_influences.new.png", "fig1_influences.old.png"]
+    np.testing.assert_array_equal(drawn["fig1_influences.new.png"], train)  # positions 0..39
+    np.testing.assert_array_equal(
+        drawn["fig1_influences.new.png"], drawn["fig1_influences.old.png"]
+    )
+    for name in drawn:
+        _assert_png(tmp_path / "out" / name)
+        assert tmp_path / "out" / name in out.built
+
+
+def test_figure1_is_skipped_when_the_training_set_is_unavailable(tmp_path):
+    res = tmp_path / "res"
+    results.save_influence_examples(
+        res / "c.influence_examples.npz",
+        np.zeros((2, 3, 32, 32)),
+        np.zeros((2, 10)),
+        dataset="cifar2",
+        data_dir=tmp_path / "no-cifar-here",
+    )
+    out = reports.build_reports(
+        reports.ReportConfig(results_dir=res, out_dir=tmp_path / "out"), log=None
+    )
+    notes = [note for note in out.skipped if note.startswith("Figure 1 (c.influence_examples")]
+    assert len(notes) == 1 and "no-cifar-here" in notes[0]
+    assert not list((tmp_path / "out").glob("fig1_*.png"))
 
 
 def test_cli_on_empty_results_skips_everything(tmp_path, capsys):
