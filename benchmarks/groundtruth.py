@@ -46,6 +46,7 @@ from benchmarks.pipeline import (
     load_train_set,
     log_training,
     measure_queries_many,
+    needs_trajectories,
     queries_spec,
 )
 from benchmarks.settings import Setting
@@ -239,6 +240,10 @@ def get_or_train_models(
 def measurement_spec(model_key: str, setting: Setting, target: str) -> dict:
     """The artifact spec of measurement ``target`` of a model on the setting's queries.
 
+    The queries are the plain set, or for a target that needs trajectories
+    (``pipeline.needs_trajectories``: ``trajectory-logprob``) the set stored with them; so the
+    keys of the other targets are those of earlier caches.
+
     Args:
         model_key: the store key of the measured model.
         setting: its queries' fingerprint and ``gt_mc_samples``.
@@ -249,7 +254,7 @@ def measurement_spec(model_key: str, setting: Setting, target: str) -> dict:
     """
     return {
         "model": model_key,
-        "queries": queries_spec(setting, with_trajectories=False),
+        "queries": queries_spec(setting, with_trajectories=needs_trajectories((target,))),
         "target": target,
         "n_samples": setting.gt_mc_samples,
     }
@@ -348,9 +353,33 @@ def ground_truth_trainer(setting: Setting, ensemble_size: int | None) -> str:
     return "ensemble" if ensemble_size is not None and setting.unet.dropout == 0 else "single"
 
 
-def _load_queries(store: ArtifactStore, setting: Setting) -> QuerySet:
-    tensors = store.load_tensors("queries", queries_spec(setting, with_trajectories=False))
-    return QuerySet(tensors["images"], None)
+def _load_queries(store: ArtifactStore, setting: Setting, targets: Sequence[str]) -> QuerySet:
+    """The stored queries, with their trajectories when a target needs them."""
+    with_trajectories = needs_trajectories(targets)
+    tensors = store.load_tensors("queries", queries_spec(setting, with_trajectories))
+    return QuerySet(tensors["images"], tensors["trajectories"] if with_trajectories else None)
+
+
+def check_trajectories_stored(
+    store: ArtifactStore, setting: Setting, targets: Sequence[str]
+) -> None:
+    """Check, before any training, that the queries' trajectories are stored if a target needs them.
+
+    Args:
+        store: the artifact store the tasks read.
+        setting: its queries' fingerprint.
+        targets: measurement names to record.
+
+    Raises:
+        ValueError: a target needs trajectories (``trajectory-logprob``) and the queries with
+            their trajectories (``queries_spec(setting, with_trajectories=True)``) are not stored.
+    """
+    if needs_trajectories(targets) and not store.exists("queries", queries_spec(setting, True)):
+        raise ValueError(
+            f"the ground truth of targets {tuple(targets)} needs the queries with their sampling "
+            f"trajectories, which the store {store.root} lacks; store them first "
+            "(pipeline.get_queries(..., with_trajectories=True))"
+        )
 
 
 def _missing_targets(
@@ -409,7 +438,7 @@ def run_ground_truth_task(task: GroundTruthTask) -> dict[str, np.ndarray]:
     model_key = store.key("model", spec)
     missing = _missing_targets(store, setting, model_key, task.targets)
     if missing:
-        queries = _load_queries(store, setting)
+        queries = _load_queries(store, setting, missing)
         model = get_or_train_model(
             setting,
             store,
@@ -445,7 +474,7 @@ def run_ensemble_task(task: EnsembleTask) -> tuple[dict[str, np.ndarray], ...]:
     missing = [_missing_targets(store, setting, key, task.targets) for key in keys]
     todo = [i for i, targets in enumerate(missing) if targets]
     if todo:
-        queries = _load_queries(store, setting)
+        queries = _load_queries(store, setting, sorted({t for i in todo for t in missing[i]}))
         models = get_or_train_models(
             setting,
             store,
@@ -559,7 +588,8 @@ def compute_ground_truth(
 ) -> GroundTruth:
     """Run (or resume) every ground-truth task and assemble the arrays.
 
-    Requires the queries to be stored already (``pipeline.get_queries``). Ensemble- and
+    Requires the queries to be stored already (``pipeline.get_queries``; with their
+    trajectories for a ``trajectory-logprob`` target), checked before any training. Ensemble- and
     single-trained models have different keys.
 
     Args:
@@ -581,6 +611,7 @@ def compute_ground_truth(
     Raises:
         TaskFailedError: naming the failed tasks, after the others completed.
     """
+    check_trajectories_stored(store, setting, targets)
     executor = executor or LocalExecutor()
     by_pair: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     if ground_truth_trainer(setting, ensemble_size) == "ensemble":

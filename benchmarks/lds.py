@@ -44,6 +44,7 @@ from benchmarks.metrics import (
 )
 from benchmarks.pipeline import (
     derived_seed,
+    needs_trajectories,
 )
 from benchmarks.provenance import StageLog
 from benchmarks.results import (
@@ -65,7 +66,6 @@ from benchmarks.runner import (
 )
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
-from diffusion.measurements import parse_measurement
 
 DEFAULT_SWEEP = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1e1, 1e3)
 
@@ -220,13 +220,6 @@ def _measurement_names(config: LDSConfig) -> tuple[str, ...]:
     return (*config.targets, *([config.measurement] if config.measurement else []))
 
 
-def _needs_trajectories(config: LDSConfig) -> bool:
-    return any(
-        parse_measurement(m)[0] == "trajectory-logprob"
-        for m in (*config.targets, config.measurement or "loss")
-    )
-
-
 def _ground_truth(
     config: LDSConfig, setting: Setting, store: ArtifactStore, n_train: int, device: torch.device
 ) -> GroundTruth:
@@ -262,7 +255,7 @@ def prepare(config: LDSConfig) -> PreparedRun:
         config.options,
     )
     experiment, stages = prepare_experiment(
-        setting, device, config, with_trajectories=_needs_trajectories(config)
+        setting, device, config, with_trajectories=needs_trajectories(_measurement_names(config))
     )
     with stages.stage("ground_truth"):
         truth = _ground_truth(

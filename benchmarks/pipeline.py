@@ -192,6 +192,15 @@ def queries_spec(setting: Setting, with_trajectories: bool) -> dict:
     return {**setting.fingerprint("queries"), "trajectories": with_trajectories}
 
 
+def needs_trajectories(names: Sequence[str]) -> bool:
+    """Whether any of the measurements ``names`` needs the queries' sampling trajectories.
+
+    Only ``trajectory-logprob`` does: its queries are the set stored with trajectories
+    (``queries_spec(setting, with_trajectories=True)``, the same images as the plain set).
+    """
+    return any(parse_measurement(name)[0] == "trajectory-logprob" for name in names)
+
+
 def get_queries(
     setting: Setting,
     store: ArtifactStore,
@@ -345,12 +354,11 @@ def measure_queries_many(
     indices = range(n_queries) if query_indices is None else [int(i) for i in query_indices]
     if len(indices) != n_queries:
         raise ValueError(f"{len(indices)} query_indices for {n_queries} queries")
-    needs_trajectory = False
     for name in names:
-        if parse_measurement(name, setting.schedule.num_timesteps)[0] == "trajectory-logprob":
-            if queries.trajectories is None:
-                raise ValueError(f"measurement {name!r} needs query trajectories; none were stored")
-            needs_trajectory = True
+        parse_measurement(name, setting.schedule.num_timesteps)  # unknown names fail here
+    needs_trajectory = needs_trajectories(names)
+    if needs_trajectory and queries.trajectories is None:
+        raise ValueError(f"measurements {tuple(names)} need query trajectories; none were stored")
     model = model.to(device).eval()
     values: dict[str, list[float]] = {name: [] for name in names}
     for q, index in enumerate(indices):
