@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import lds, retrain
+from benchmarks import lds, retrain, runner
 from benchmarks.lds import LDSConfig
 from methods import AttributionMethod
 from methods.registry import REGISTRY, register_method
@@ -177,12 +177,12 @@ def test_a_bug_in_the_runner_keeps_its_traceback_and_exits_1(tmp_path):
     the one-line usage format and exit status 2."""
     script = textwrap.dedent(
         f"""
-        from benchmarks import lds
+        from benchmarks import lds, runner
 
         def broken_stage(*args, **kwargs):
             raise ValueError("internal bug in a runner stage")
 
-        lds.load_train_set = broken_stage
+        runner.load_train_set = broken_stage
         lds.main(["--preset", "smoke", "--method", "random", "--no-progress",
                   "--cache-dir", {str(tmp_path / "cache")!r}, "--out", {str(tmp_path)!r}])
         """
@@ -200,7 +200,7 @@ def test_a_bug_in_the_runner_propagates_in_process(monkeypatch, tmp_path):
     def broken_stage(*args, **kwargs):
         raise ValueError("internal bug in a runner stage")
 
-    monkeypatch.setattr(lds, "load_train_set", broken_stage)
+    monkeypatch.setattr(runner, "load_train_set", broken_stage)
     argv = ["--preset", "smoke", "--method", "random", "--cache-dir", str(tmp_path)]
     with pytest.raises(ValueError, match="internal bug"):
         lds.main(argv)
