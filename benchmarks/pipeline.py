@@ -284,14 +284,6 @@ def measure_queries(
         setting: its seed and schedule (the draws).
         queries: the queries (with trajectories for ``trajectory-logprob``).
         name: the measurement (``diffusion.measurements``).
-        n_samples: draws per query.
-        device: where to measure.
-
-    Args:
-        model: the model measured.
-        setting: the setting (its seed and schedule give the draws).
-        queries: the queries measured.
-        name: the measurement's name.
         n_samples: Monte Carlo draws per query.
         device: where the model computes.
         query_indices: ``# [n_queries]`` global indices of the given queries, whose draws
@@ -333,15 +325,7 @@ def measure_queries_many(
         model: the model to measure (moved to ``device``, in eval mode).
         setting: its seed and schedule (the draws).
         queries: the queries (with trajectories for ``trajectory-logprob``).
-        names: the measurements.
-        n_samples: draws per query.
-        device: where to measure.
-
-    Args:
-        model: the model measured.
-        setting: the setting (its seed and schedule give the draws).
-        queries: the queries measured.
-        names: the measurements' names.
+        names: the measurements (``diffusion.measurements``).
         n_samples: Monte Carlo draws per query.
         device: where the model computes.
         query_indices: ``# [n_queries]`` global indices of the given queries (their draws are
