@@ -576,7 +576,12 @@ def write_run(
     out_dir = Path(config.out) / "lds" / prepared.setting.name
     summary, per_query, paired = tables
     figures = _write_figure_inputs(out_dir, run_name, prepared, cells, config.data_dir)
-    record = RunRecord(config, setting=prepared.setting.to_dict(), stages=prepared.stages)
+    record = RunRecord(
+        config,
+        setting=prepared.setting.to_dict(),
+        stages=prepared.stages,
+        provenance=prepared.experiment.provenance,
+    )
     written = write_results(
         out_dir,
         summary,

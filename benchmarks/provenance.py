@@ -69,6 +69,12 @@ def _git(args: list[str], repo_dir: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+def _git_dirty(repo: Path) -> bool | None:
+    """Whether tracked files differ from the commit (None when git cannot tell)."""
+    status = _git(["status", "--porcelain", "--untracked-files=no"], repo)
+    return None if status is None else bool(status)
+
+
 def _package_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
@@ -109,10 +115,7 @@ def collect_provenance(repo_dir: str | Path | None = None) -> dict[str, Any]:
     packages = {name: _package_version(dist) for name, dist in PACKAGES.items()}
     packages["torch"] = torch.__version__  # with the build tag (e.g. +cu130) the metadata lacks
     commit = _git(["rev-parse", "HEAD"], repo)
-    dirty: bool | None = None
-    if commit:
-        status = _git(["status", "--porcelain", "--untracked-files=no"], repo)
-        dirty = None if status is None else bool(status)
+    dirty = _git_dirty(repo) if commit else None
     return {
         "git_commit": commit or "unknown",
         "git_dirty": dirty,
@@ -126,6 +129,34 @@ def collect_provenance(repo_dir: str | Path | None = None) -> dict[str, Any]:
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": list(sys.argv),
     }
+
+
+def with_end_of_run_commit(
+    start: Mapping[str, Any], repo_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """A run's provenance collected at its start, flagged when the checkout changed since.
+
+    A result is made by the code that was checked out when the run started; a commit or an edit
+    while it ran (a long ground truth, say) is recorded, not silently attributed to the result.
+
+    Args:
+        start: :func:`collect_provenance` at the run's start.
+        repo_dir: the git checkout; default: the one holding this file.
+
+    Returns:
+        A copy of ``start`` (unchanged when it has no ``git_commit``); where the commit or the
+        dirty flag differs now, with
+        ``git_commit_at_end``, ``git_dirty_at_end`` and ``git_changed_during_run: True``.
+    """
+    out = dict(start)
+    if "git_commit" not in start:  # not collect_provenance's record: nothing to compare
+        return out
+    repo = Path(repo_dir) if repo_dir is not None else _REPO_DIR
+    commit = _git(["rev-parse", "HEAD"], repo) or "unknown"
+    dirty = _git_dirty(repo) if commit != "unknown" else None
+    if commit != start.get("git_commit") or dirty != start.get("git_dirty"):
+        out.update(git_commit_at_end=commit, git_dirty_at_end=dirty, git_changed_during_run=True)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

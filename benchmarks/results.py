@@ -53,7 +53,7 @@ import pandas as pd
 
 from benchmarks.io import atomic_write_bytes, atomic_write_text, to_jsonable
 from benchmarks.metrics import summarize
-from benchmarks.provenance import collect_provenance, stages_to_dict
+from benchmarks.provenance import collect_provenance, stages_to_dict, with_end_of_run_commit
 from methods.registry import default_dampings
 
 __all__ = [
@@ -337,7 +337,11 @@ def run_record_text(
     Raises:
         TypeError: a value is not JSON-serialisable (the message says where).
     """
-    provenance = record.provenance if record.provenance is not None else collect_provenance()
+    provenance = (
+        collect_provenance()
+        if record.provenance is None
+        else with_end_of_run_commit(record.provenance)
+    )
     document = {
         "config": record.config,
         "setting": record.setting,

@@ -432,7 +432,11 @@ def write_run(
     out_dir = Path(config.out) / "retrain" / prepared.setting.name
     path = atomic_write_text(out_dir / f"{run_name}.retrain.csv", table.to_csv(index=False))
     record = RunRecord(
-        config, setting=prepared.setting.to_dict(), stages=prepared.stages, result=result
+        config,
+        setting=prepared.setting.to_dict(),
+        stages=prepared.stages,
+        provenance=prepared.experiment.provenance,
+        result=result,
     )
     write_run_record(out_dir / f"{run_name}{RUN_RECORD_SUFFIX}", record, {"retrain": path})
     return path

@@ -31,7 +31,7 @@ from benchmarks.pipeline import (
     queries_spec,
     resolve_device,
 )
-from benchmarks.provenance import StageLog, StageTimer
+from benchmarks.provenance import StageLog, StageTimer, collect_provenance
 from benchmarks.settings import Setting, get_preset
 from benchmarks.store import ArtifactStore
 from diffusion.measurements import parse_measurement
@@ -51,6 +51,9 @@ class Experiment:
         queries: the generated samples (and trajectories, if stored).
         device: where methods compute.
         progress: show progress bars.
+        provenance: the run's provenance (commit, dirty flag, versions, device) collected when
+            the run started (``collect_provenance``), so that the record names the code that
+            ran, not the code checked out when it finished; None: collected when written.
     """
 
     setting: Setting
@@ -60,6 +63,7 @@ class Experiment:
     queries: QuerySet
     device: torch.device
     progress: bool = True
+    provenance: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ def prepare_experiment(
     Returns:
         ``(experiment, stages)``: the prepared inputs and the timings of the three stages.
     """
+    provenance = collect_provenance()  # at the start: the code that runs
     store = ArtifactStore(Path(options.cache_dir))
     stages = StageLog()
     with stages.stage("data"):
@@ -212,7 +217,7 @@ def prepare_experiment(
         if with_trajectories:
             get_queries(setting, store, model, device=device, progress=False)
     experiment = Experiment(
-        setting, store, model, train_set.images, queries, device, options.progress
+        setting, store, model, train_set.images, queries, device, options.progress, provenance
     )
     return experiment, stages
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import provenance as prov
-from benchmarks.provenance import StageTimer, collect_provenance
+from benchmarks.provenance import StageTimer, collect_provenance, with_end_of_run_commit
 
 KEYS = {
     "git_commit",
@@ -121,3 +121,32 @@ def test_stage_timer_cuda_peak_nested():
             del b
     assert 45 <= inner.cuda_peak_memory_mb < 100
     assert outer.cuda_peak_memory_mb >= 95  # the inner reset did not hide the outer peak
+
+
+def test_end_of_run_commit_flags_a_checkout_that_changed(tmp_path):
+    """A run records the commit it started at; a commit made while it ran is flagged."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (repo / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-qm", "first")
+    start = collect_provenance(repo)
+    assert with_end_of_run_commit(start, repo) == start  # nothing changed: nothing added
+
+    (repo / "f.txt").write_text("b\n")
+    edited = with_end_of_run_commit(start, repo)
+    assert edited["git_commit"] == start["git_commit"]
+    assert edited["git_dirty_at_end"] is True and edited["git_changed_during_run"] is True
+
+    git("commit", "-qam", "second")
+    committed = with_end_of_run_commit(start, repo)
+    assert committed["git_commit_at_end"] == git("rev-parse", "HEAD") != start["git_commit"]

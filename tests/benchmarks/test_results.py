@@ -191,7 +191,9 @@ def test_run_record_merges_everything(tmp_path):
     assert doc["result"] == {"lds": [0.5, None], "mean": 0.5}
     assert list(doc["stages"]) == ["fit", "score"]
     assert doc["stages"]["fit"]["seconds"] >= 0 and "peak_memory_mb" in doc["stages"]["fit"]
-    assert doc["provenance"] == provenance
+    # the record keeps the start-of-run commit and flags that the checkout differs now
+    assert doc["provenance"]["git_commit"] == "abc"
+    assert doc["provenance"]["git_changed_during_run"] is True
     assert doc["files"] == {"table": "result.retrain.csv"}
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.run.json"]
 
