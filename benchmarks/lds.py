@@ -35,6 +35,7 @@ from benchmarks.metrics import (
     bootstrap_interval,
     bootstrap_noise_ceiling_interval,
     cross_fitted_lds,
+    fold_averaged_lds,
     lds_per_query,
     noise_ceiling,
     paired_difference,
@@ -439,7 +440,14 @@ def add_held_out_damping(cells: Cells, prepared: PreparedRun) -> None:
             if row["method"] == name and row["target"] == target
         )
         chosen = " | ".join("-" if v is None else f"{v:g}" for v in fit.chosen)
-        extra = {"default_damping": cells.default_damping.get(name), "selection": HELD_OUT}
+        default = cells.default_damping.get(name)
+        extra = {"default_damping": default, "selection": HELD_OUT}
+        if default in by_damping:  # tuned minus default, both scored on the same folds
+            same_folds = fold_averaged_lds(
+                by_damping[default], truth.mean_over_seeds(target), folds
+            )
+            gain = paired_difference(fit.per_query, same_folds)
+            extra.update(tuning_gain=gain.mean, se_tuning_gain=gain.standard_error)
         after = max(
             i
             for i, row in enumerate(cells.rows)
@@ -460,7 +468,14 @@ def add_held_out_damping(cells: Cells, prepared: PreparedRun) -> None:
         )
         cells.per_query.append(
             per_query_frame(
-                name, measurement, target, None, fit.per_query, preset=setting.name, **extra
+                name,
+                measurement,
+                target,
+                None,
+                fit.per_query,
+                preset=setting.name,
+                default_damping=default,
+                selection=HELD_OUT,
             )
         )
 

@@ -464,6 +464,32 @@ def cross_fitted_lds(
     return CrossFit(per_query, (chosen[0], chosen[1]), held_out, values, fold_means)
 
 
+def fold_averaged_lds(
+    predictions: np.ndarray, targets: np.ndarray, folds: np.ndarray
+) -> np.ndarray:
+    """Per-query LDS on each fold's subsets alone, averaged over the two folds.
+
+    What :func:`cross_fitted_lds` reports for one fixed value: the like-for-like baseline of a
+    held-out-tuned LDS (the Spearman correlation over M/2 subsets is not that over M, so
+    "tuned minus default" compares both on the same folds). NaN rule as cross-fitting: a query
+    undefined on one fold keeps the other fold's value.
+
+    Args:
+        predictions: ``[n_subsets, n_queries]`` predictions of one value (e.g. one damping).
+        targets: ``[n_subsets, n_queries]`` measured (seed-averaged) targets.
+        folds: ``[n_subsets]`` fold id 0/1 of every subset (:func:`subset_folds`).
+
+    Returns:
+        ``[n_queries]`` fold-averaged LDS.
+    """
+    predictions, targets = _checked_pair(predictions, targets)
+    folds = _checked_folds(folds, targets.shape[0])
+    per_fold = np.stack(
+        [lds_per_query(predictions[folds == f], targets[folds == f]) for f in (0, 1)]
+    )  # [2, n_queries]
+    return _mean_finite(per_fold, axis=0)
+
+
 def in_sample_best(
     predictions_by_value: Mapping[Hashable, np.ndarray], targets: np.ndarray
 ) -> InSampleBest:

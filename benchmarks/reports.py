@@ -146,6 +146,9 @@ def lds_markdown(
             row["LDS % held-out-tuned (chosen)"] = (
                 f"{held_out} ({r.chosen_damping_tuned})" if held_out else ""
             )
+            row["tuned − default, same folds"] = (
+                "" if math.isnan(r.tuning_gain) else format_lds(r.tuning_gain, r.se_tuning_gain)
+            )
         rows.append(row)
     return markdown_table(pd.DataFrame(rows))
 

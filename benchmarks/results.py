@@ -708,7 +708,7 @@ def format_table(summary_df: pd.DataFrame) -> str:
 
 
 def _tuned_columns(tuned_rows: pd.DataFrame, groups: list[str], key: tuple) -> dict[str, Any]:
-    """The held-out-tuned row of one group as ``lds_tuned, se_tuned, n_tuned, chosen_...``."""
+    """The held-out-tuned row of one group: ``lds_tuned, se_tuned, n_tuned, chosen_...``, gain."""
     match = tuned_rows
     for column, value in zip(groups, key, strict=True):
         match = match[match[column].isna()] if pd.isna(value) else match[match[column] == value]
@@ -718,6 +718,8 @@ def _tuned_columns(tuned_rows: pd.DataFrame, groups: list[str], key: tuple) -> d
             "se_tuned": math.nan,
             "n_tuned": 0,
             "chosen_damping_tuned": "",
+            "tuning_gain": math.nan,
+            "se_tuning_gain": math.nan,
         }
     row = match.iloc[0]
     return {
@@ -725,6 +727,8 @@ def _tuned_columns(tuned_rows: pd.DataFrame, groups: list[str], key: tuple) -> d
         "se_tuned": float(row["lds_se"]),
         "n_tuned": int(row["n_queries"]),
         "chosen_damping_tuned": str(row.get("chosen_damping", "")),
+        "tuning_gain": float(row.get("tuning_gain", math.nan)),
+        "se_tuning_gain": float(row.get("se_tuning_gain", math.nan)),
     }
 
 
@@ -775,7 +779,8 @@ def best_and_default(
         (``ok`` when a best row exists, else the group's first status), ``reason``,
         ``damping_best``, ``lds_best``, ``se_best``, ``n_best``, ``damping_default``,
         ``lds_default``, ``se_default``, ``n_default``, ``lds_tuned``, ``se_tuned``,
-        ``n_tuned``, ``chosen_damping_tuned``.
+        ``n_tuned``, ``chosen_damping_tuned``, ``tuning_gain``, ``se_tuning_gain`` (tuned minus
+        default damping on the same folds, paired over queries; NaN without them).
     """
     df = validate_summary(summary_df)
     if default_damping is None:

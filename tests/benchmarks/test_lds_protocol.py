@@ -12,6 +12,7 @@ from benchmarks import lds
 from benchmarks.metrics import (
     bootstrap_interval,
     cross_fitted_lds,
+    fold_averaged_lds,
     paired_difference,
     subset_folds,
     summarize,
@@ -62,6 +63,11 @@ def test_held_out_row_is_the_cross_fit_of_the_sweep_on_the_runs_folds(evaluated)
     )
     assert row["lds_mean"] == pytest.approx(summarize(expected.per_query).mean, nan_ok=True)
     assert ("random", "loss") not in cells.held_out  # no damping, nothing to choose
+    # what tuning buys, like for like: the default damping scored on the same two folds
+    default = fold_averaged_lds(by_damping[1e-8], prepared.truth.mean_over_seeds("loss"), folds)
+    gain = paired_difference(expected.per_query, default)
+    assert row["tuning_gain"] == pytest.approx(gain.mean, nan_ok=True)
+    assert row["se_tuning_gain"] == pytest.approx(gain.standard_error, nan_ok=True)
 
 
 def test_pairs_use_the_reference_at_its_default_damping(evaluated):

@@ -15,6 +15,7 @@ from benchmarks.metrics import (
     bootstrap_interval,
     bootstrap_noise_ceiling_interval,
     cross_fitted_lds,
+    fold_averaged_lds,
     in_sample_best,
     lds_from_scores,
     lds_per_query,
@@ -310,6 +311,21 @@ def test_cross_fitting_with_one_value_best_everywhere_averages_its_fold_lds():
     assert fit.chosen == ("good", "good")
     expected = (_fold_lds(good, targets, folds, 0) + _fold_lds(good, targets, folds, 1)) / 2.0
     np.testing.assert_allclose(fit.per_query, expected, rtol=0, atol=1e-15)
+
+
+def test_fold_averaged_lds_is_the_cross_fit_of_a_single_value():
+    rng = np.random.default_rng(12)
+    folds = subset_folds(20, seed=1)
+    targets = rng.normal(size=(20, 5))
+    predictions = targets + rng.normal(size=(20, 5))
+    expected = (
+        _fold_lds(predictions, targets, folds, 0) + _fold_lds(predictions, targets, folds, 1)
+    ) / 2
+    np.testing.assert_allclose(
+        fold_averaged_lds(predictions, targets, folds), expected, rtol=0, atol=1e-15
+    )
+    only = cross_fitted_lds({"only": predictions}, targets, folds).per_query
+    np.testing.assert_array_equal(fold_averaged_lds(predictions, targets, folds), only)
 
 
 def test_cross_fitting_ties_go_to_the_first_value_in_the_given_order():

@@ -253,13 +253,24 @@ def test_timestep_heatmap_cells_match_the_matrix():
 def test_a_held_out_tuned_row_is_the_bar_and_the_in_sample_best_a_cross():
     summary = _summary()
     lds = np.array([0.1, 0.2, 0.3, 0.2])
-    held_out = result_row("kfac", "loss", "loss", None, lds, preset="p", selection="held-out")
+    held_out = result_row(
+        "kfac",
+        "loss",
+        "loss",
+        None,
+        lds,
+        preset="p",
+        selection="held-out",
+        tuning_gain=0.05,
+        se_tuning_gain=0.02,
+    )
     summary = pd.concat([summary, pd.DataFrame([held_out])], ignore_index=True)
     fig = plots.lds_bars_figure(summary, target="loss")
     ax = fig.axes[0]
     table = best_and_default(summary[summary["target"] == "loss"], default_dampings())
     kfac = table[(table["method"] == "kfac") & (table["measurement"] == "loss")].iloc[0]
     assert kfac["lds_tuned"] == pytest.approx(lds.mean())
+    assert (kfac["tuning_gain"], kfac["se_tuning_gain"]) == (0.05, 0.02)
     y = _tick_positions(ax)[plots.bar_label("kfac", "loss", "loss", {})]
     assert _at(_bars(ax), y)[1] == pytest.approx(100 * lds.mean())
     (crosses,) = [c for c in ax.collections if c.get_label().startswith("in-sample best")]
