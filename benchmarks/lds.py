@@ -5,6 +5,11 @@ M subsets x K seeds, runs every requested method, and prints and writes a table 
 +- standard error over queries), seconds and peak memory, with the noise ceiling (seed-to-seed
 agreement of the ground truth) and paired differences between methods. Everything expensive is
 cached in the artifact store, so a second method reuses the ground truth.
+
+Every table also carries each method's paired per-query LDS difference to the best similarity
+baseline of the run (``MethodEntry.similarity``: pixel, pixel-l2, clip; the one with the highest
+mean LDS, per target; ``pixel-l2`` is added, in milliseconds, when no similarity baseline ran),
+and the regime diagnostic of the queries (``benchmarks.regime``) as its footer.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ from benchmarks.metrics import (
 )
 from benchmarks.pipeline import (
     derived_seed,
+    load_held_out_set,
     needs_trajectories,
 )
 from benchmarks.provenance import StageLog
+from benchmarks.regime import RegimeDiagnostic, regime_diagnostic
 from benchmarks.results import (
     RunRecord,
     format_table,
@@ -67,8 +74,12 @@ from benchmarks.runner import (
 )
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
+from methods.registry import get_method
 
 DEFAULT_SWEEP = (1e-9, 1e-7, 1e-5, 1e-3, 1e-1, 1e1, 1e3)
+
+SIMILARITY_FALLBACK = "pixel-l2"
+"""The similarity baseline evaluated for a target on which no selected one ran ok."""
 
 
 @dataclass(frozen=True)
@@ -123,14 +134,17 @@ class LDSResult:
     Attributes:
         summary: one row per (method, measurement, target, damping); see benchmarks.results.
         per_query: per-query LDS (long table).
-        paired: paired differences to the first method, per target.
+        paired: paired differences to the first method and to the best similarity baseline,
+            per target (column ``reference``).
         files: written paths (tables, the run record, figure inputs).
+        regime: the queries' regime diagnostic (``benchmarks.regime``).
     """
 
     summary: pd.DataFrame
     per_query: pd.DataFrame
     paired: pd.DataFrame
     files: dict[str, Path]
+    regime: RegimeDiagnostic | None = None
 
 
 @dataclass(frozen=True)
@@ -142,12 +156,14 @@ class PreparedRun:
         experiment: the inputs every method sees (store, base model, data, queries, device).
         truth: the ground truth: subset masks and the retrained models' measurements.
         stages: timings of the run's stages so far (the run record's ``stages``).
+        regime: the queries' regime diagnostic (``benchmarks.regime``), None if not measured.
     """
 
     setting: Setting
     experiment: Experiment
     truth: GroundTruth
     stages: StageLog
+    regime: RegimeDiagnostic | None = None
 
 
 @dataclass
@@ -166,6 +182,8 @@ class Cells:
         held_out: ``(method, target) -> # [n_queries]`` LDS at the damping chosen on held-out
             subsets (:func:`add_held_out_damping`).
         default_damping: method -> its default damping (None: it has none).
+        similarity_reference: target -> the best similarity baseline of the run
+            (:func:`add_similarity_differences`).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -175,6 +193,7 @@ class Cells:
     predictions: dict[tuple[str, str, float | None], np.ndarray] = field(default_factory=dict)
     held_out: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     default_damping: dict[str, float | None] = field(default_factory=dict)
+    similarity_reference: dict[str, str] = field(default_factory=dict)
 
 
 _BITS = {None: 32, "int16": 16, "int8": 8}
@@ -206,12 +225,22 @@ def run(config: LDSConfig) -> LDSResult:
     with prepared.stages.stage("cells"):
         cells = evaluate_cells(config, prepared)
     add_held_out_damping(cells, prepared)
-    paired = paired_differences(cells, config.methods[0])
+    paired = _all_pairs(paired_differences(cells, config.methods[0]), cells)
     summary = pd.DataFrame(cells.rows)
     per_query = pd.concat(cells.per_query, ignore_index=True) if cells.per_query else pd.DataFrame()
     files = write_run(config, prepared, cells, (summary, per_query, paired), run_name)
-    _print_report(summary, paired, config.methods[0], files["summary"])
-    return LDSResult(summary, per_query, paired, files)
+    _print_report(summary, paired, cells, prepared.regime, files["summary"])
+    return LDSResult(summary, per_query, paired, files, prepared.regime)
+
+
+def _all_pairs(to_first: pd.DataFrame, cells: Cells) -> pd.DataFrame:
+    """The pairs to the first method, then those to the best similarity baseline (no repeats)."""
+    tables = [t for t in (to_first, add_similarity_differences(cells)) if not t.empty]
+    if not tables:
+        return pd.DataFrame()
+    paired = pd.concat(tables, ignore_index=True)
+    keys = paired[["method", "reference", "target"]].assign(damping=paired["damping"].map(str))
+    return paired[~keys.duplicated()].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- stage 1: prepare
@@ -244,7 +273,7 @@ def _ground_truth(
 def prepare(config: LDSConfig) -> PreparedRun:
     """Validate the input, then get (train or load) the data, base model, queries, ground truth.
 
-    Each of the four is a timed stage.
+    Each of the four is a timed stage, and so is the queries' regime diagnostic.
     """
     setting, device = prepare_run(
         config.preset,
@@ -262,7 +291,15 @@ def prepare(config: LDSConfig) -> PreparedRun:
         truth = _ground_truth(
             config, setting, experiment.store, len(experiment.train_images), device
         )
-    return PreparedRun(setting, experiment, truth, stages)
+    with stages.stage("regime"):
+        held_out = load_held_out_set(setting, config.data_dir)
+        regime = regime_diagnostic(
+            experiment.queries.images,
+            experiment.train_images,
+            held_out.images,
+            seed=derived_seed(setting.seed, "regime"),
+        )
+    return PreparedRun(setting, experiment, truth, stages, regime)
 
 
 # ---------------------------------------------------------------- stage 2: evaluate cells
@@ -272,7 +309,8 @@ def evaluate_cells(config: LDSConfig, prepared: PreparedRun) -> Cells:
     """Every cell of the table, per target.
 
     The noise ceiling (K >= 2), then each method with each of its option variants
-    (:func:`_variants`).
+    (:func:`_variants`), then :data:`SIMILARITY_FALLBACK` when no similarity baseline ran ok on
+    the target (the reference of :func:`add_similarity_differences`).
     """
     cells = Cells()
     runs: dict[str, MethodRun] = {}
@@ -280,10 +318,29 @@ def evaluate_cells(config: LDSConfig, prepared: PreparedRun) -> Cells:
         if prepared.setting.n_seeds >= 2:
             _add_noise_ceiling(cells, prepared, target)
         for name in config.methods:
-            defaults = asdict(build_method(name, {}).config)
-            for variant in _variants(config, defaults):
-                _evaluate_cell(config, prepared, cells, name, target, variant, defaults, runs)
+            _evaluate_method(config, prepared, cells, name, target, runs)
+        if not _similarity_lds(cells, target):
+            print(
+                f"[{SIMILARITY_FALLBACK}] {target}: added as the similarity reference (no "
+                "similarity baseline ran)",
+                file=sys.stderr,
+            )
+            _evaluate_method(config, prepared, cells, SIMILARITY_FALLBACK, target, runs)
     return cells
+
+
+def _evaluate_method(
+    config: LDSConfig,
+    prepared: PreparedRun,
+    cells: Cells,
+    name: str,
+    target: str,
+    runs: dict[str, MethodRun],
+) -> None:
+    """Every option variant of method ``name`` on ``target`` (:func:`_evaluate_cell`)."""
+    defaults = asdict(build_method(name, {}).config)
+    for variant in _variants(config, defaults):
+        _evaluate_cell(config, prepared, cells, name, target, variant, defaults, runs)
 
 
 def _add_noise_ceiling(cells: Cells, prepared: PreparedRun, target: str) -> None:
@@ -532,6 +589,66 @@ def paired_differences(cells: Cells, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _similarity_lds(cells: Cells, target: str) -> dict[str, np.ndarray]:
+    """Similarity baseline -> its ``# [n_queries]`` LDS on ``target`` (its ok cells)."""
+    return {
+        name: values
+        for (name, t, _), values in cells.lds.items()
+        if t == target and get_method(name).similarity
+    }
+
+
+def add_similarity_differences(cells: Cells) -> pd.DataFrame:
+    """Pair every method with the best similarity baseline of the run, per target.
+
+    The best is the similarity baseline (``MethodEntry.similarity``) with the highest mean LDS
+    on the target (the first in evaluation order on ties); each method's cells are paired with
+    it as in :func:`paired_differences`. Every summary row that has a pair gets the columns
+    ``similarity_reference``, ``vs_similarity_mean`` and ``vs_similarity_se`` (the reference's
+    own row: 0 and 0); the others get the reference's name and NaN.
+
+    Args:
+        cells: the evaluated cells; rows gain the columns above, and
+            :attr:`Cells.similarity_reference` is filled in.
+
+    Returns:
+        The pairs, with the columns of :func:`paired_differences`.
+    """
+    tables = []
+    for target in dict.fromkeys(t for (_, t, _) in cells.lds):
+        candidates = _similarity_lds(cells, target)
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda name: summarize(candidates[name]).mean)
+        cells.similarity_reference[target] = best
+        pairs = paired_differences(cells, best)
+        tables.append(pairs[pairs["target"] == target] if not pairs.empty else pairs)
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    for row in cells.rows:
+        _annotate_row(row, cells.similarity_reference, table)
+    return table
+
+
+def _annotate_row(row: dict[str, Any], references: dict[str, str], pairs: pd.DataFrame) -> None:
+    """Add the ``similarity_reference, vs_similarity_mean, vs_similarity_se`` of one row."""
+    reference = references.get(row["target"], "")
+    mean = se = math.nan
+    held_out = row.get("selection") == HELD_OUT
+    if row["method"] == reference and not held_out:
+        mean = se = 0.0
+    elif reference and "bits" not in row and row["status"] == "ok" and not pairs.empty:
+        damping = HELD_OUT if held_out else row["damping"]
+        match = pairs[(pairs["method"] == row["method"]) & (pairs["target"] == row["target"])]
+        for pair in match.to_dict("records"):
+            if pair["damping"] == damping or (_is_nan(pair["damping"]) and _is_nan(damping)):
+                mean, se = pair["diff_mean"], pair["diff_se"]
+    row.update(similarity_reference=reference, vs_similarity_mean=mean, vs_similarity_se=se)
+
+
+def _is_nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 # ---------------------------------------------------------------- stage 5: write
 
 
@@ -591,33 +708,51 @@ def write_run(
     out_dir = Path(config.out) / "lds" / prepared.setting.name
     summary, per_query, paired = tables
     figures = _write_figure_inputs(out_dir, run_name, prepared, cells, config.data_dir)
+    result = {"similarity_reference": dict(cells.similarity_reference)}
+    extra_tables = {"paired": paired} if not paired.empty else {}
+    if prepared.regime is not None:
+        result["regime"] = prepared.regime.summary()
+        extra_tables["regime"] = prepared.regime.per_query()
     record = RunRecord(
         config,
         setting=prepared.setting.to_dict(),
         stages=prepared.stages,
         provenance=prepared.experiment.provenance,
+        result=result,
     )
     written = write_results(
-        out_dir,
-        summary,
-        per_query,
-        record,
-        run_name,
-        tables={"paired": paired} if not paired.empty else None,
-        files=figures,
+        out_dir, summary, per_query, record, run_name, tables=extra_tables, files=figures
     )
     return {**figures, **written}
 
 
 def _print_report(
-    summary: pd.DataFrame, paired: pd.DataFrame, reference: str, summary_path: Path
+    summary: pd.DataFrame,
+    paired: pd.DataFrame,
+    cells: Cells,
+    regime: RegimeDiagnostic | None,
+    summary_path: Path,
 ) -> None:
     print(format_table(summary))
+    print(similarity_footer(cells.similarity_reference))
+    if regime is not None:
+        print(regime.footer())
     if not paired.empty:
-        print("\nPaired differences of per-query LDS to", reference)
+        print("\nPaired differences of per-query LDS (method - reference)")
         shown = paired.assign(damping=[_damping_label(d) for d in paired["damping"]])
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\nwrote {summary_path}")
+
+
+def similarity_footer(references: dict[str, str]) -> str:
+    """The footer line naming the best similarity baseline per target (the Δ column's pair)."""
+    if not references:
+        return "Δ vs best similarity: n/a (no similarity baseline has a defined LDS)"
+    named = ", ".join(f"{target}: {name}" for target, name in references.items())
+    return (
+        "Δ vs best similarity: paired per-query LDS difference (± s.e. over queries) to the "
+        f"best similarity baseline of the run ({named})"
+    )
 
 
 def _damping_label(damping: Any) -> str:

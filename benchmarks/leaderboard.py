@@ -21,22 +21,32 @@ from benchmarks.lds import LDSConfig
 from benchmarks.metrics import overlaps_leader
 from benchmarks.plots import method_label, plot_lds_bars
 from benchmarks.provenance import collect_provenance
-from benchmarks.results import NOISE_CEILING_LABEL, NOISE_CEILING_METHOD, format_lds
+from benchmarks.results import (
+    NOISE_CEILING_LABEL,
+    NOISE_CEILING_METHOD,
+    format_lds,
+    similarity_difference_text,
+)
 from methods import available_methods
 
 
-def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -> str:
+def leaderboard_markdown(
+    summary: pd.DataFrame, provenance: dict, preset: str, regime: str = ""
+) -> str:
     """The ranked Markdown leaderboard: ok rows by LDS, then the unavailable/failed ones.
 
     Methods are shown by their registry display name and registry name; the noise ceiling row
-    has no rank.
+    has no rank. When the summary has ``vs_similarity_mean`` (``benchmarks.lds``), a column
+    shows each method's paired per-query LDS difference to the best similarity baseline.
 
     Args:
         summary: one row per method (the summary frame): ``method``, ``status``, ``reason``,
-            ``lds_mean``, ``lds_se``, ``seconds``, ``peak_memory_mb``.
+            ``lds_mean``, ``lds_se``, ``seconds``, ``peak_memory_mb`` (optional:
+            ``similarity_reference``, ``vs_similarity_mean``, ``vs_similarity_se``).
         provenance: :func:`benchmarks.provenance.collect_provenance`'s record (commit,
             package versions, timestamp, machine) for the footer.
         preset: the preset's name, in the title.
+        regime: the run's regime diagnostic line (``RegimeDiagnostic.footer``), or empty.
 
     Returns:
         The Markdown text, ending with a newline.
@@ -49,6 +59,8 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
     ok = summary[summary["status"] == "ok"].sort_values("lds_mean", ascending=False)
     rest = summary[summary["status"] != "ok"]
     tied = _tied_with_leader(ok)
+    paired = "vs_similarity_mean" in summary.columns
+    delta_header = " Δ vs best sim. |" if paired else ""
     lines = [
         f"# Attribution leaderboard: preset `{preset}`",
         "",
@@ -59,8 +71,8 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
         "method whose interval overlaps the leader's (the best method other than exact "
         "retraining): the data cannot tell it from the leader.",
         "",
-        "| rank | method | LDS % | 95% interval | ≈ leader | seconds | peak MB |",
-        "|---:|---|---:|---:|:---:|---:|---:|",
+        f"| rank | method | LDS % | 95% interval | ≈ leader |{delta_header} seconds | peak MB |",
+        "|---:|---|---:|---:|:---:|" + ("---:|" if paired else "") + "---:|---:|",
     ]
     rank = 0
     for row in ok.to_dict("records"):
@@ -68,13 +80,16 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
         rank += 0 if is_ceiling else 1
         seconds = "" if pd.isna(row["seconds"]) else f"{row['seconds']:.1f}"
         memory = "" if pd.isna(row["peak_memory_mb"]) else f"{row['peak_memory_mb']:.0f}"
+        delta = f" {'' if is_ceiling else similarity_difference_text(row)} |" if paired else ""
         lines.append(
             f"| {'' if is_ceiling else rank} | {name(row['method'])} | "
             f"{format_lds(row['lds_mean'], row['lds_se'])} | {_interval(row)} | "
-            f"{'≈' if tied.get(row['method']) else ''} | {seconds} | {memory} |"
+            f"{'≈' if tied.get(row['method']) else ''} |{delta} {seconds} | {memory} |"
         )
+    empty = " |" * (5 if paired else 4)
     for row in rest.itertuples():
-        lines.append(f"| – | {name(row.method)} | {row.status}: {row.reason} | | | | |")
+        lines.append(f"| – | {name(row.method)} | {row.status}: {row.reason} |{empty}")
+    lines += _footnotes(summary, regime)
     packages = provenance.get("packages", {})
     lines += [
         "",
@@ -86,6 +101,21 @@ def leaderboard_markdown(summary: pd.DataFrame, provenance: dict, preset: str) -
         "",
     ]
     return "\n".join(lines)
+
+
+def _footnotes(summary: pd.DataFrame, regime: str) -> list[str]:
+    """The lines naming the best similarity baseline and the regime diagnostic, if any."""
+    lines = []
+    if "similarity_reference" in summary.columns:
+        names = [n for n in dict.fromkeys(summary["similarity_reference"]) if isinstance(n, str)]
+        if any(names):
+            listed = ", ".join(f"`{n}`" for n in names if n)
+            lines += [
+                "",
+                "Δ vs best sim.: paired per-query LDS difference (percentage points ± s.e. over "
+                f"queries) to the best similarity baseline of the run ({listed}, marked ref).",
+            ]
+    return lines + (["", regime] if regime else [])
 
 
 REFERENCE_ROWS = (NOISE_CEILING_METHOD, "retrain")
@@ -141,7 +171,8 @@ def run(
         )
     )
     out_dir = Path(out)
-    markdown = leaderboard_markdown(result.summary, collect_provenance(), preset)
+    regime = result.regime.footer() if result.regime is not None else ""
+    markdown = leaderboard_markdown(result.summary, collect_provenance(), preset, regime)
     path = atomic_write_text(out_dir / "leaderboard.md", markdown)
     plot_lds_bars(
         result.summary,

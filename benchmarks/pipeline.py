@@ -79,6 +79,16 @@ def load_train_set(setting: Setting, data_dir: str | Path | None = None) -> Imag
     return dataset
 
 
+def load_held_out_set(setting: Setting, data_dir: str | Path | None = None) -> ImageDataset:
+    """The data set's images that :func:`load_train_set` leaves out (those after ``n_train``).
+
+    Empty when the whole data set is trained on (``n_train`` None or >= its size).
+    """
+    dataset = load_dataset(setting.dataset, data_dir=data_dir)
+    start = len(dataset) if setting.n_train is None else min(setting.n_train, len(dataset))
+    return dataset.subset(torch.arange(start, len(dataset)))
+
+
 def load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> UNet:
     """The stored model ``(kind, spec)``: a ``setting.unet`` U-Net on the CPU, in eval mode.
 

@@ -25,19 +25,24 @@ and what was skipped and why.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from benchmarks import plots
 from benchmarks.io import atomic_write_text
+from benchmarks.regime import footer_text
 from benchmarks.results import (
+    RUN_RECORD_SUFFIX,
     best_and_default,
+    format_difference,
     format_lds,
     load_influence_examples,
     load_model_correlation,
@@ -54,6 +59,7 @@ __all__ = [
     "lds_markdown",
     "main",
     "markdown_table",
+    "regime_footers",
     "resolve_default_damping",
     "retrain_markdown",
     "summary_markdown",
@@ -106,25 +112,33 @@ def summary_markdown(summary_df: pd.DataFrame) -> str:
 
 
 def lds_markdown(
-    summary_df: pd.DataFrame, target: str, default_damping: Mapping[str, float]
+    summary_df: pd.DataFrame,
+    target: str,
+    default_damping: Mapping[str, float],
+    footer: Sequence[str] = (),
 ) -> str:
     """Figure 2's numbers as Markdown: ``best ± s.e. (default)`` per method for one target.
 
-    The noise ceiling comes first, then the methods in table order.
+    The noise ceiling comes first, then the methods in table order. When the summary has the
+    paired differences to the best similarity baseline (``vs_similarity_mean``), a column
+    ``Δ vs best sim.`` shows them at the best damping (and at the held-out-tuned one), with a
+    footnote naming the reference.
 
     Args:
         summary_df: the summary table (one row per method, target, damping, ...).
         target: the measurement target whose LDS is shown (e.g. ``"loss"``).
         default_damping: method -> its default damping; for these methods the LDS at the
             default damping is shown in parentheses after the best.
+        footer: further lines under the table (e.g. the runs' regime diagnostics).
 
     Returns:
-        The Markdown table.
+        The Markdown table, then its footnotes.
     """
     df = validate_summary(summary_df)
     table = best_and_default(df[df["target"] == target], default_damping)
     table = plots.in_table_order(table, target)
     tuned_any = bool(np.isfinite(table["lds_tuned"].to_numpy(dtype=float)).any())
+    references = _similarity_references(df, target)
     rows = []
     for r in table.itertuples(index=False):
         if r.status != "ok":
@@ -149,8 +163,69 @@ def lds_markdown(
             row["tuned − default, same folds"] = (
                 "" if math.isnan(r.tuning_gain) else format_lds(r.tuning_gain, r.se_tuning_gain)
             )
+        if references:
+            row.update(_similarity_cells(r, references, tuned_any))
         rows.append(row)
-    return markdown_table(pd.DataFrame(rows))
+    notes = [_similarity_note(references)] if references else []
+    text = markdown_table(pd.DataFrame(rows))
+    return text + "".join(f"\n{line}\n" for line in [*notes, *footer])
+
+
+def _similarity_references(summary: pd.DataFrame, target: str) -> list[str]:
+    """The best similarity baselines named by the target's rows (one per run, deduplicated)."""
+    if "similarity_reference" not in summary.columns:
+        return []
+    names = summary.loc[summary["target"] == target, "similarity_reference"]
+    return [str(n) for n in dict.fromkeys(names) if isinstance(n, str) and n]
+
+
+def _similarity_cells(row: Any, references: list[str], tuned: bool) -> dict[str, str]:
+    """The ``Δ vs best sim.`` cells of one :func:`best_and_default` row."""
+    if row.status != "ok":
+        best = "—"
+    elif row.method in references:
+        best = "ref"
+    else:
+        best = format_difference(row.vs_similarity_mean_best, row.vs_similarity_se_best)
+    cells = {"Δ vs best sim. (best)": best}
+    if tuned:
+        value = format_difference(row.vs_similarity_mean_tuned, row.vs_similarity_se_tuned)
+        cells["Δ vs best sim. (held-out-tuned)"] = "" if value == "—" else value
+    return cells
+
+
+def _similarity_note(references: list[str]) -> str:
+    names = ", ".join(f"`{name}`" for name in references)
+    return (
+        "Δ vs best sim.: paired per-query LDS difference (percentage points ± s.e. over "
+        f"queries) to the best similarity baseline of the run ({names}, marked ref)."
+    )
+
+
+def regime_footers(results_dir: Path, preset: str) -> list[str]:
+    """The regime diagnostic lines of the runs of ``preset`` under ``results_dir``.
+
+    Read from the ``result.regime`` entry of each ``*.run.json`` (``benchmarks.lds``);
+    identical lines (the same queries) are shown once.
+
+    Args:
+        results_dir: searched recursively.
+        preset: the setting name the runs must have.
+
+    Returns:
+        The footer lines (:func:`benchmarks.regime.footer_text`), in file order.
+    """
+    lines = []
+    for path in sorted(results_dir.rglob(f"*{RUN_RECORD_SUFFIX}")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        regime = (record.get("result") or {}).get("regime") if isinstance(record, dict) else None
+        setting = record.get("setting") or {}
+        if isinstance(regime, dict) and setting.get("name") == preset:
+            lines.append(footer_text(regime))
+    return list(dict.fromkeys(lines))
 
 
 def retrain_markdown(retrain_df: pd.DataFrame) -> str:
@@ -286,7 +361,8 @@ def build_reports(
         )
         for preset in sorted(summary["preset"].unique()):
             df = summary[summary["preset"] == preset]
-            _build_lds_figures(df, preset, defaults, out_dir, attempt, skip)
+            footer = regime_footers(root, preset)
+            _build_lds_figures(df, preset, defaults, out_dir, attempt, skip, footer)
         if "bits" in summary.columns:
             rows = summary[pd.to_numeric(summary["bits"], errors="coerce").notna()]
             rows = rows[rows["status"] == "ok"]
@@ -424,6 +500,7 @@ def _build_lds_figures(
     out_dir: Path,
     attempt: Callable[[str, Callable[[], Path | Sequence[Path]]], None],
     skip: Callable[[str], None],
+    footer: Sequence[str] = (),
 ) -> None:
     tag = _slug(preset)
     targets = [t for t in dict.fromkeys(df["target"]) if not t.startswith("timestep-loss:")]
@@ -439,7 +516,7 @@ def _build_lds_figures(
                     default_damping=defaults,
                 ),
                 atomic_write_text(
-                    out_dir / f"lds_{slug}.{tag}.md", lds_markdown(df, target, defaults)
+                    out_dir / f"lds_{slug}.{tag}.md", lds_markdown(df, target, defaults, footer)
                 ),
             ]
 

@@ -34,6 +34,11 @@ Columns of the summary table:
 ``seconds``             wall time of the method (scoring), NaN when unknown.
 ``peak_memory_mb``      peak memory of the method in MiB, NaN when unknown.
 ======================  ========================================================================
+
+Optional columns an LDS run adds (``benchmarks.lds.add_similarity_differences``):
+``similarity_reference`` (the best similarity baseline of the run on the row's target),
+``vs_similarity_mean`` and ``vs_similarity_se`` (the paired per-query LDS difference to it and
+its standard error; NaN where there is no pair). The tables show them as ``Δ vs best sim.``.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "RunRecord",
     "best_and_default",
+    "format_difference",
     "format_lds",
     "format_table",
     "load_influence_examples",
@@ -76,6 +82,7 @@ __all__ = [
     "run_record_text",
     "save_influence_examples",
     "save_model_correlation",
+    "similarity_difference_text",
     "validate_per_query",
     "validate_summary",
     "write_results",
@@ -647,6 +654,23 @@ def format_lds(mean: float, se: float) -> str:
     return f"{100 * mean:.1f} ± {100 * se:.1f}"
 
 
+def format_difference(mean: float, se: float) -> str:
+    """``"+3.2 ± 1.1"`` (percentage points, signed) from fractions; ``"—"`` when undefined."""
+    if mean is None or math.isnan(mean):
+        return "—"
+    if se is None or math.isnan(se):
+        return f"{100 * mean:+.1f}"
+    return f"{100 * mean:+.1f} ± {100 * se:.1f}"
+
+
+def similarity_difference_text(row: Mapping[str, Any]) -> str:
+    """A summary row's ``Δ vs best sim.`` cell: ``ref`` for the reference itself, else signed."""
+    held_out = _is_held_out(row.get("selection"))
+    if row.get("method") == row.get("similarity_reference") and not held_out:
+        return "ref"
+    return format_difference(row.get("vs_similarity_mean", math.nan), row.get("vs_similarity_se"))
+
+
 def _shorten(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters with an ellipsis (the full reason is in the CSV)."""
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -657,9 +681,12 @@ def format_table(summary_df: pd.DataFrame) -> str:
 
     Columns: method | measurement | target | damping (``held-out: a | b`` for a damping chosen
     on held-out subsets, the two folds' choices) | LDS % mean ± s.e. | 95% bootstrap interval
-    over queries and subsets | n | seconds | peak MB | status (with the reason when not ``ok``).
+    over queries and subsets | Δ vs best sim. (paired difference to the best similarity
+    baseline, percentage points ± s.e.; only when the table has ``vs_similarity_mean``) | n |
+    seconds | peak MB | status (with the reason when not ``ok``).
     """
     df = validate_summary(summary_df)
+    paired = "vs_similarity_mean" in df.columns
     header = [
         "method",
         "measurement",
@@ -667,6 +694,7 @@ def format_table(summary_df: pd.DataFrame) -> str:
         "damping",
         "LDS % mean ± s.e.",
         "95% interval",
+        *(["Δ vs best sim."] if paired else []),
         "n",
         "seconds",
         "peak MB",
@@ -683,6 +711,7 @@ def format_table(summary_df: pd.DataFrame) -> str:
                 _damping_text(r),
                 format_lds(r["lds_mean"], r["lds_se"]) if ok else "—",
                 _interval_text(r),
+                *([similarity_difference_text(r) if ok else "—"] if paired else []),
                 str(r["n_queries"]) if ok else "—",
                 _fmt_number(r["seconds"], "%.1f"),
                 _fmt_number(r["peak_memory_mb"], "%.0f"),
@@ -693,7 +722,7 @@ def format_table(summary_df: pd.DataFrame) -> str:
         max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
         for i, h in enumerate(header)
     ]
-    right = {3, 4, 5, 6, 7, 8}
+    right = set(range(3, len(header) - 1))
 
     def line(cells: list[str]) -> str:
         parts = [
@@ -720,6 +749,7 @@ def _tuned_columns(tuned_rows: pd.DataFrame, groups: list[str], key: tuple) -> d
             "chosen_damping_tuned": "",
             "tuning_gain": math.nan,
             "se_tuning_gain": math.nan,
+            **_similarity_columns(None, "tuned"),
         }
     row = match.iloc[0]
     return {
@@ -729,6 +759,20 @@ def _tuned_columns(tuned_rows: pd.DataFrame, groups: list[str], key: tuple) -> d
         "chosen_damping_tuned": str(row.get("chosen_damping", "")),
         "tuning_gain": float(row.get("tuning_gain", math.nan)),
         "se_tuning_gain": float(row.get("se_tuning_gain", math.nan)),
+        **_similarity_columns(row, "tuned"),
+    }
+
+
+_SIMILARITY_COLUMNS = ("vs_similarity_mean", "vs_similarity_se")
+
+
+def _similarity_columns(row: Mapping[str, Any] | None, suffix: str) -> dict[str, float]:
+    """``vs_similarity_mean_<suffix>, vs_similarity_se_<suffix>`` of ``row`` (NaN if absent)."""
+    return {
+        f"{column}_{suffix}": math.nan
+        if row is None or pd.isna(row.get(column, math.nan))
+        else float(row[column])
+        for column in _SIMILARITY_COLUMNS
     }
 
 
@@ -781,6 +825,9 @@ def best_and_default(
         ``lds_default``, ``se_default``, ``n_default``, ``lds_tuned``, ``se_tuned``,
         ``n_tuned``, ``chosen_damping_tuned``, ``tuning_gain``, ``se_tuning_gain`` (tuned minus
         default damping on the same folds, paired over queries; NaN without them).
+        ``n_tuned``, ``chosen_damping_tuned``, and ``vs_similarity_mean_<s>``,
+        ``vs_similarity_se_<s>`` for ``s`` in best, default, tuned (the paired difference to
+        the best similarity baseline, NaN when the table has none).
     """
     df = validate_summary(summary_df)
     if default_damping is None:
@@ -822,5 +869,6 @@ def best_and_default(
             record[f"lds_{suffix}"] = float(row["lds_mean"])
             record[f"se_{suffix}"] = float(row["lds_se"])
             record[f"n_{suffix}"] = int(row["n_queries"])
+            record.update(_similarity_columns(row if row is not nan else None, suffix))
         records.append(record)
     return pd.DataFrame.from_records(records)

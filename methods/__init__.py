@@ -17,6 +17,7 @@ from methods.registry import (
     get_method,
     methods_in_table_order,
     register_method,
+    similarity_baselines,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "get_method",
     "methods_in_table_order",
     "register_method",
+    "similarity_baselines",
 ]

@@ -1,8 +1,9 @@
-"""Model-free reference baselines: seeded random scores and pixel-space cosine similarity.
+"""Model-free reference baselines: seeded random scores and pixel-space similarities.
 
-Neither looks at the diffusion model or the measurement. They bound the benchmark from below:
-``random`` has an LDS of zero in expectation, and ``pixel`` (reported by D-TRAK, Zheng et al.
-2024) is the naive "similar-looking training images are influential" heuristic.
+None looks at the diffusion model or the measurement. They bound the benchmark from below:
+``random`` has an LDS of zero in expectation; ``pixel`` (cosine, reported by D-TRAK, Zheng et
+al. 2024) and ``pixel-l2`` (minus the Euclidean distance: the nearest-neighbour baseline) are the
+naive "similar-looking training images are influential" heuristic.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from methods.base import AttributionMethod, NoConfig
 if TYPE_CHECKING:
     from methods.context import MethodContext
 
-__all__ = ["PixelCosine", "RandomScores", "cosine_similarity_matrix"]
+__all__ = [
+    "PixelCosine",
+    "PixelL2",
+    "RandomScores",
+    "cosine_similarity_matrix",
+    "l2_distance_matrix",
+]
 
 _RANDOM_STREAM = 0x52414E44  # "RAND": keeps these draws apart from other uses of ctx.seed
 
@@ -43,6 +50,26 @@ def cosine_similarity_matrix(queries: torch.Tensor, train: torch.Tensor) -> np.n
     return ((q @ x.T) / norms.clamp_min(1e-12)).numpy()
 
 
+def l2_distance_matrix(queries: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every query row to every training row, in float64 on the CPU.
+
+    Args:
+        queries: ``# [n_queries, D]`` (any shape ``[n_queries, ...]``; flattened).
+        train: ``# [n_train, D]`` (any shape ``[n_train, ...]``; flattened).
+
+    Returns:
+        ``# [n_queries, n_train]`` float64 ``|q - x|``, by ``torch.cdist`` (its matrix-product
+        form: exact to about 1e-6 absolute, so an exact copy is at ~1e-6, not 0).
+    """
+    q = queries.detach().reshape(queries.shape[0], -1).to("cpu", torch.float64)  # [Q, D]
+    x = train.detach().reshape(train.shape[0], -1).to("cpu", torch.float64)  # [N, D]
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"queries have {q.shape[1]} features per row but train rows have {x.shape[1]}"
+        )
+    return torch.cdist(q, x)
+
+
 class PixelCosine(AttributionMethod):
     """Cosine similarity in pixel space between each query and each training image.
 
@@ -57,6 +84,22 @@ class PixelCosine(AttributionMethod):
     def score(self, ctx: MethodContext) -> np.ndarray:
         """``# [n_queries, n_train]`` float64 cosine similarities."""
         return cosine_similarity_matrix(ctx.query_images, ctx.train_images)
+
+
+class PixelL2(AttributionMethod):
+    """Minus the Euclidean distance in pixel space: the nearest-neighbour baseline.
+
+    ``scores[q, j] = -|x_q - x_j|`` on the flattened images as the harness stores them
+    (``[-1, 1]``), so the nearest training image (a memorised copy: distance 0) scores highest.
+    Like ``pixel``, a heuristic that ignores the model and the measurement; unlike the cosine it
+    is not scale-free (a faint and a bold copy of one digit are far apart).
+    """
+
+    Config: ClassVar[type] = NoConfig
+
+    def score(self, ctx: MethodContext) -> np.ndarray:
+        """``# [n_queries, n_train]`` float64 minus the pixel-space L2 distances."""
+        return -l2_distance_matrix(ctx.query_images, ctx.train_images).numpy()
 
 
 class RandomScores(AttributionMethod):

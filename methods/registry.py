@@ -51,6 +51,9 @@ class MethodEntry:
             attribute when ``target`` is a class that declares one, else ``name``.
         order: place in tables and figures; the registry numbers its built-ins by position,
             None (every other registration) sorts after all of them, by name.
+        similarity: a model-free similarity baseline (``pixel``, ``pixel-l2``, ``clip``): the
+            LDS tables pair every method with the best of these in the run
+            (:func:`similarity_baselines`).
     """
 
     name: str
@@ -60,6 +63,7 @@ class MethodEntry:
     origin: str = "builtin"
     display_name: str = ""
     order: int | None = None
+    similarity: bool = False
 
     def __post_init__(self) -> None:
         if not self.display_name:
@@ -126,6 +130,15 @@ _BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC
         {},
         "cosine similarity in pixel space",
         display_name="pixel cosine",
+        similarity=True,
+    ),
+    MethodEntry(
+        "pixel-l2",
+        "methods.baselines:PixelL2",
+        {},
+        "minus the L2 distance in pixel space (nearest neighbour)",
+        display_name="pixel L2",
+        similarity=True,
     ),
     MethodEntry(
         "clip",
@@ -133,6 +146,7 @@ _BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC
         {},
         "CLIP embedding cosine similarity",
         display_name="CLIP cosine",
+        similarity=True,
     ),
     MethodEntry(
         "trak", "methods.trak:TRAK", {}, "TRAK: projected gradients, GGN^loss", display_name="TRAK"
@@ -340,6 +354,11 @@ def methods_in_table_order() -> list[str]:
     Built-ins come first as listed in the registry, then every other registration by name.
     """
     return [entry.name for entry in REGISTRY.ordered()]
+
+
+def similarity_baselines() -> list[str]:
+    """The registered similarity baselines (:attr:`MethodEntry.similarity`), in table order."""
+    return [entry.name for entry in REGISTRY.ordered() if entry.similarity]
 
 
 def default_dampings(names: Iterable[str] | None = None) -> dict[str, float]:

@@ -40,6 +40,7 @@ def test_builtin_names_are_listed():
         "retrain",
         "random",
         "pixel",
+        "pixel-l2",
         "grad-dot",
         "ekfac",
     ]:
