@@ -24,14 +24,18 @@ Trainer: a ground truth is trained by ONE path, chosen by ``ground_truth_trainer
   ``ensemble_size=None``.
 
 The two never mix silently: an ensemble-trained model's spec carries ``"trainer": "ensemble"``
-(single-trained specs carry no ``trainer`` entry, so their keys are those of earlier caches).
+(single-trained specs carry no ``trainer`` entry).
+
+Keys: a model's spec is :func:`model_spec` (the setting's ``subset_model`` or ``retrain_model``
+fingerprint, the positions and the seed), a measurement's :func:`measurement_spec` (the
+``measurement`` fingerprint, the measured model's key and the target).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,6 +61,13 @@ from diffusion.unet import UNet
 
 TRAINERS: tuple[str, ...] = ("single", "ensemble")
 """How a ground-truth model is trained: ``train_model`` one at a time, or ``train_ensemble``."""
+
+MODEL_RECIPES: dict[str, str] = {"subset_model": "subset_train", "retrain_model": "train"}
+"""Fingerprint part of a retrained model -> the Setting field holding its training recipe.
+
+``subset_model``: the models of the ground truth and of the exact-retraining oracle (App. G.7);
+``retrain_model``: the models retrained without top influences, like the base model (App. G.6).
+"""
 
 DEFAULT_ENSEMBLE_SIZE = 8
 """Models per ensemble task.
@@ -87,23 +98,35 @@ def positions_digest(positions: torch.Tensor | np.ndarray) -> str:
     return bytes_digest(array.tobytes())[:20]
 
 
+def _check_model_part(part: str) -> None:
+    if part not in MODEL_RECIPES:
+        raise ValueError(f"model part must be one of {tuple(MODEL_RECIPES)}, got {part!r}")
+
+
+def model_recipe(setting: Setting, part: str) -> TrainConfig:
+    """The training recipe of the models of fingerprint ``part`` (:data:`MODEL_RECIPES`)."""
+    _check_model_part(part)
+    return getattr(setting, MODEL_RECIPES[part])
+
+
 def model_spec(
     setting: Setting,
+    part: str,
     positions: np.ndarray,
     seed: int,
-    train_config: TrainConfig,
     trainer: str = "single",
 ) -> dict:
-    """The artifact spec of a model trained on ``positions`` with ``seed`` by ``trainer``.
+    """The artifact spec of a model of ``part`` trained on ``positions`` with ``seed``.
 
-    Only ensemble-trained specs record the trainer (``"trainer": "ensemble"``, with
-    ``diffusion.ensemble.ENSEMBLE_KERNELS``), so single-trained keys are those of earlier caches.
+    ``{"setting": setting.fingerprint(part), ...}`` with the positions' digest and count and
+    the seed. Only ensemble-trained specs record the trainer (``"trainer": "ensemble"``, with
+    ``diffusion.ensemble.ENSEMBLE_KERNELS``).
 
     Args:
-        setting: its data fingerprint and U-Net config.
+        setting: its ``part`` fingerprint.
+        part: ``"subset_model"`` or ``"retrain_model"`` (:data:`MODEL_RECIPES`).
         positions: ``# [n_kept]`` the training positions (any order; hashed sorted).
         seed: the training seed.
-        train_config: the training recipe.
         trainer: one of :data:`TRAINERS`.
 
     Returns:
@@ -111,10 +134,9 @@ def model_spec(
     """
     if trainer not in TRAINERS:
         raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
+    _check_model_part(part)
     spec = {
-        **setting.fingerprint("data"),
-        "unet": asdict(setting.unet),
-        "train": asdict(train_config),
+        "setting": setting.fingerprint(part),
         "positions": positions_digest(positions),
         "n_positions": int(len(positions)),
         "seed": int(seed),
@@ -131,7 +153,7 @@ def get_or_train_model(
     train_images: torch.Tensor,
     positions: np.ndarray,
     seed: int,
-    train_config: TrainConfig,
+    part: str,
     *,
     device: torch.device,
     keep: bool = True,
@@ -143,12 +165,13 @@ def get_or_train_model(
     stored when ``keep``.
 
     Args:
-        setting: its U-Net config, schedule and data fingerprint.
+        setting: its U-Net config, schedule, recipes and fingerprints.
         store: the artifact store.
         train_images: ``# [n_train, C, H, W]`` the whole training set.
         positions: ``# [n_kept]`` the positions trained on (any order).
         seed: the training seed.
-        train_config: the training recipe.
+        part: ``"subset_model"`` or ``"retrain_model"``: the key's fingerprint part and the
+            training recipe (:func:`model_recipe`).
         device: where to train.
         keep: store a trained model.
         progress: show a progress bar.
@@ -161,14 +184,14 @@ def get_or_train_model(
         return train_model(
             train_images[torch.as_tensor(np.sort(positions))],
             setting.unet,
-            train_config,
+            model_recipe(setting, part),
             seed=seed,
             schedule=setting.schedule,
             device=device,
             progress=progress,
         )
 
-    spec = model_spec(setting, positions, seed, train_config)
+    spec = model_spec(setting, part, positions, seed)
     return get_or_train(store, "model", spec, setting, train, keep=keep)
 
 
@@ -177,7 +200,7 @@ def get_or_train_models(
     store: ArtifactStore,
     train_images: torch.Tensor,
     members: Sequence[tuple[np.ndarray, int]],
-    train_config: TrainConfig,
+    part: str,
     *,
     device: torch.device,
     keep: bool = True,
@@ -192,11 +215,12 @@ def get_or_train_models(
     members trained.
 
     Args:
-        setting: its U-Net config, schedule and data fingerprint.
+        setting: its U-Net config, schedule, recipes and fingerprints.
         store: the artifact store.
         train_images: ``# [n_train, C, H, W]`` the whole training set.
         members: ``(positions # [n_kept], seed)`` of each model.
-        train_config: the training recipe, shared by all members.
+        part: ``"subset_model"`` or ``"retrain_model"``: the keys' fingerprint part and the
+            training recipe shared by all members (:func:`model_recipe`).
         device: where to train.
         keep: store the trained models.
         progress: show a progress bar.
@@ -205,7 +229,7 @@ def get_or_train_models(
         the models, in the order of ``members``.
     """
     specs = [
-        model_spec(setting, positions, seed, train_config, trainer="ensemble")
+        model_spec(setting, part, positions, seed, trainer="ensemble")
         for positions, seed in members
     ]
     models: list[UNet | None] = [
@@ -222,7 +246,7 @@ def get_or_train_models(
             train_images,
             [torch.as_tensor(np.sort(members[i][0])) for i in group],
             setting.unet,
-            train_config,
+            model_recipe(setting, part),
             seeds=[int(members[i][1]) for i in group],
             schedule=setting.schedule,
             device=device,
@@ -240,24 +264,19 @@ def get_or_train_models(
 def measurement_spec(model_key: str, setting: Setting, target: str) -> dict:
     """The artifact spec of measurement ``target`` of a model on the setting's queries.
 
-    The queries are the plain set, or for a target that needs trajectories
-    (``pipeline.needs_trajectories``: ``trajectory-logprob``) the set stored with them; so the
-    keys of the other targets are those of earlier caches.
+    ``{"setting": setting.fingerprint("measurement"), "model": model_key, "target": target}``:
+    the fingerprint holds the queries' fields (their trajectories, which ``trajectory-logprob``
+    reads, follow from them) and ``gt_mc_samples``.
 
     Args:
         model_key: the store key of the measured model.
-        setting: its queries' fingerprint and ``gt_mc_samples``.
+        setting: its ``measurement`` fingerprint.
         target: the measurement name (e.g. ``"loss"``, ``"elbo"``).
 
     Returns:
         The JSON-able spec of the ``"measurement"`` artifact.
     """
-    return {
-        "model": model_key,
-        "queries": queries_spec(setting, with_trajectories=needs_trajectories((target,))),
-        "target": target,
-        "n_samples": setting.gt_mc_samples,
-    }
+    return {"setting": setting.fingerprint("measurement"), "model": model_key, "target": target}
 
 
 @dataclass(frozen=True)
@@ -434,7 +453,7 @@ def run_ground_truth_task(task: GroundTruthTask) -> dict[str, np.ndarray]:
     train_set = load_train_set(setting, task.data_dir)
     masks = subset_masks(len(train_set), setting)
     positions = np.flatnonzero(masks[task.subset])
-    spec = model_spec(setting, positions, task.train_seed, setting.subset_train)
+    spec = model_spec(setting, "subset_model", positions, task.train_seed)
     model_key = store.key("model", spec)
     missing = _missing_targets(store, setting, model_key, task.targets)
     if missing:
@@ -445,7 +464,7 @@ def run_ground_truth_task(task: GroundTruthTask) -> dict[str, np.ndarray]:
             train_set.images,
             positions,
             task.train_seed,
-            setting.subset_train,
+            "subset_model",
             device=device,
         )
         _measure_and_store(store, setting, model, model_key, missing, queries, device)
@@ -468,7 +487,7 @@ def run_ensemble_task(task: EnsembleTask) -> tuple[dict[str, np.ndarray], ...]:
     positions = [np.flatnonzero(masks[m]) for m, _ in task.members]
     seeds = [ground_truth_seed(setting, m, k) for m, k in task.members]
     keys = [
-        store.key("model", model_spec(setting, p, s, setting.subset_train, trainer="ensemble"))
+        store.key("model", model_spec(setting, "subset_model", p, s, trainer="ensemble"))
         for p, s in zip(positions, seeds, strict=True)
     ]
     missing = [_missing_targets(store, setting, key, task.targets) for key in keys]
@@ -480,7 +499,7 @@ def run_ensemble_task(task: EnsembleTask) -> tuple[dict[str, np.ndarray], ...]:
             store,
             train_set.images,
             [(positions[i], seeds[i]) for i in todo],
-            setting.subset_train,
+            "subset_model",
             device=device,
         )
         for i, model in zip(todo, models, strict=True):

@@ -145,8 +145,12 @@ def get_or_train(
 
 
 def base_model_spec(setting: Setting) -> dict:
-    """The artifact spec of the base model (the setting's ``base_model`` fingerprint)."""
-    return setting.fingerprint("base_model")
+    """The artifact spec of the base model: the setting's ``base_model`` fingerprint.
+
+    It identifies the training set too, so it is also the ``MethodContext.train_spec`` that
+    methods key their training-side artifacts with.
+    """
+    return {"setting": setting.fingerprint("base_model")}
 
 
 def get_base_model(
@@ -198,8 +202,8 @@ class QuerySet:
 
 
 def queries_spec(setting: Setting, with_trajectories: bool) -> dict:
-    """The artifact spec of the queries, with or without their sampling trajectories."""
-    return {**setting.fingerprint("queries"), "trajectories": with_trajectories}
+    """The artifact spec of the queries (``queries`` fingerprint), with or without trajectories."""
+    return {"setting": setting.fingerprint("queries"), "trajectories": with_trajectories}
 
 
 def needs_trajectories(names: Sequence[str]) -> bool:

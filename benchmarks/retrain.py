@@ -114,7 +114,7 @@ def run_retrain_task(task: RetrainTask) -> float:
         train_set.images,
         np.asarray(task.kept),
         setting.seed,
-        setting.train,
+        "retrain_model",
         device=torch.device(task.device),
     )
     images = store.load_tensors("queries", queries_spec(setting, False))["images"]

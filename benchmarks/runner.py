@@ -23,12 +23,12 @@ from benchmarks.errors import UsageError
 from benchmarks.groundtruth import get_or_train_model
 from benchmarks.pipeline import (
     QuerySet,
+    base_model_spec,
     derived_seed,
     get_base_model,
     get_queries,
     load_train_set,
     measure_queries,
-    queries_spec,
     resolve_device,
 )
 from benchmarks.provenance import StageLog, StageTimer, collect_provenance
@@ -241,7 +241,9 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
             ground truth's protocol.
 
     Returns:
-        The context, with the store as cache and the retraining and measuring oracles.
+        The context, with the store as cache (training-side entries keyed by the base model's
+        spec, ``pipeline.base_model_spec``) and the retraining and measuring oracles (the
+        oracle's models are ``subset_model`` models).
     """
     setting, store = experiment.setting, experiment.store
 
@@ -252,7 +254,7 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
             experiment.train_images,
             np.asarray(positions),
             derived_seed(setting.seed, "oracle", int(seed)),
-            setting.subset_train,
+            "subset_model",
             device=experiment.device,
         )
 
@@ -278,10 +280,7 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
         seed=setting.seed,
         device=experiment.device,
         cache=store,
-        cache_spec={
-            "setting": setting.fingerprint("method"),
-            "queries": queries_spec(setting, experiment.queries.trajectories is not None),
-        },
+        train_spec=base_model_spec(setting),
         train_fn=train_fn,
         measure_fn=measure_fn,
         grad_samples=setting.grad_mc_samples,

@@ -43,8 +43,13 @@ __all__ = [
     "get_preset",
 ]
 
-FINGERPRINT_VERSION = 1
-"""Bump to invalidate every cached artifact when code changes what a fingerprint produces."""
+FINGERPRINT_VERSION = 2
+"""Bump to invalidate every cached artifact when code changes what a fingerprint produces.
+
+2: every artifact key is ``{"setting": fingerprint(part), ...}`` with one part per artifact; the
+models of the ground truth and of the retraining benchmark depend on the noise schedule; the
+methods' training-side artifacts (K-FAC curvature, TRAK features) no longer on the queries.
+"""
 
 #: Image shape [C, H, W] of each data set, to check the U-Net against without loading data.
 _IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -57,43 +62,36 @@ _IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
 _DATA = ("dataset", "n_train")
 _BASE_MODEL = (*_DATA, "unet", "train", "schedule", "seed")
 _QUERIES = (*_BASE_MODEL, "n_queries")
-_SUBSETS = (*_DATA, "subset_fraction", "seed")
-_SUBSET_MODEL = (*_DATA, "unet", "subset_train", "schedule", "subset_fraction", "seed")
 
 FINGERPRINT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        # The (capped) training set.
-        "data": _DATA,
-        # The model trained on the full training set.
+        # The model trained on the full training set (``pipeline.base_model_spec``); it also
+        # identifies the training set, so methods key their training-side artifacts (K-FAC
+        # curvature, TRAK features) with it (``MethodContext.train_spec``), adding their own
+        # config and sample counts.
         "base_model": _BASE_MODEL,
-        # The generated queries (samples of the base model) and their trajectories.
+        # The generated queries (samples of the base model), with or without their trajectories
+        # (``pipeline.queries_spec``).
         "queries": _QUERIES,
-        # The random subsets; the caller adds the subset index. Not M: subset i must be the
-        # same whatever M is (draw each subset from its own index-derived seed).
-        "subsets": _SUBSETS,
-        # One retrained subset model; the caller adds the subset index/positions and model seed.
-        "subset_model": _SUBSET_MODEL,
-        # Ground-truth measurements of one subset model on the queries; caller adds the
-        # measurement name and the subset/seed identity.
-        "groundtruth": tuple(dict.fromkeys((*_SUBSET_MODEL, *_QUERIES, "gt_mc_samples"))),
-        # A method's scores; the caller adds the method name, its config and the measurement.
-        "method": (*_QUERIES, "grad_mc_samples", "kfac_mc_samples", "query_grad_mc_samples"),
-        # Retraining without top influences: models trained like the base model without some
-        # examples, measured on the queries; the caller adds the removed positions.
-        "retrain": (*_QUERIES, "gt_mc_samples"),
-        # A whole LDS run.
-        "lds": (
-            *dict.fromkeys((*_SUBSET_MODEL, *_QUERIES)),
-            "n_subsets",
-            "n_seeds",
-            "gt_mc_samples",
-            "grad_mc_samples",
-            "kfac_mc_samples",
-            "query_grad_mc_samples",
-        ),
+        # A model of the ground truth or of the exact-retraining oracle, trained on a subset
+        # with the subset recipe (``groundtruth.model_spec``); the caller adds the positions and
+        # the training seed. Not M or K: subset m and seed k are the same whatever M and K are.
+        "subset_model": (*_DATA, "unet", "subset_train", "schedule", "subset_fraction", "seed"),
+        # A model retrained without some examples like the base model (retraining benchmark,
+        # ``groundtruth.model_spec``); the caller adds the kept positions and the seed.
+        "retrain_model": _BASE_MODEL,
+        # A measurement of a model on the queries (``groundtruth.measurement_spec``): the
+        # queries and the protocol's sample count; the caller adds the model's key and target.
+        "measurement": (*_QUERIES, "gt_mc_samples"),
     }
 )
-"""Artifact part -> the Setting fields its artifacts depend on (see :meth:`Setting.fingerprint`)."""
+"""Artifact part -> the Setting fields its artifacts depend on (see :meth:`Setting.fingerprint`).
+
+Fields in no part never enter a key as Setting fields: ``n_subsets``, ``n_seeds``,
+``n_retrain_queries`` and ``retrain_fractions`` choose which artifacts a run uses; the method
+sample counts and ``method_options`` reach the methods' keys as their resolved values (the
+``MethodContext`` sample counts and the method configs); ``name`` is a label.
+"""
 
 _NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
 
@@ -281,9 +279,9 @@ class Setting:
     def fingerprint(self, part: str) -> dict[str, Any]:
         """The JSON-able sub-dict of this setting that ``part``'s artifacts depend on.
 
-        Use it as (part of) the spec of an :class:`benchmarks.store.ArtifactStore` entry, adding
-        what identifies the single artifact (subset index, model seed, measurement, method):
-        e.g. ``{"setting": s.fingerprint("subset_model"), "subset": 3, "model_seed": 1}``.
+        The one source of the Setting in every artifact key: each spec builder's spec is
+        ``{"setting": s.fingerprint(part), ...}`` plus what identifies the single artifact
+        (positions, model seed, measured model, target), e.g. ``groundtruth.model_spec``.
         ``part`` is one of :data:`FINGERPRINT_PARTS`; each fingerprint holds only the fields
         listed there plus ``fingerprint_version``, so that changing M (``n_subsets``) keeps the
         base model, the queries and the subset models, and the preset ``name`` never matters.

@@ -65,7 +65,13 @@ class MethodContext:
         seed: seed of every random choice a method makes (MC draws, projections, ...).
         device: where to compute.
         cache: artifact store for expensive intermediates (factors, features), or None.
-        cache_spec: JSON-able identity of (model, data, queries) to key cache entries with.
+        train_spec: JSON-able identity of the base model and the training set (the runner's
+            ``benchmarks.pipeline.base_model_spec``; it holds the schedule, the recipe's
+            hflip and the seed too), NOT of the queries. Methods key their training-side cache
+            entries (K-FAC curvature, TRAK features) with it plus their own config and resolved
+            sample counts, so changing the queries never recomputes them. A query-dependent
+            entry must add the queries' identity itself
+            (``methods.fingerprint.tensor_fingerprint(ctx.query_images)``, the measurement).
         train_fn: ``(train_positions, seed) -> model`` retrains on a subset; used by the
             exact-retraining oracle. None when the runner does not offer retraining.
         measure_fn: ``model -> # [n_queries]`` the ground truth's measurement protocol (same
@@ -89,7 +95,7 @@ class MethodContext:
     seed: int = 0
     device: torch.device | str = "cpu"
     cache: ArtifactCache | None = None
-    cache_spec: Mapping[str, Any] = field(default_factory=dict)
+    train_spec: Mapping[str, Any] = field(default_factory=dict)
     train_fn: Callable[[torch.Tensor, int], nn.Module] | None = None
     measure_fn: Callable[[nn.Module], torch.Tensor] | None = None
     grad_samples: int = 250

@@ -65,8 +65,9 @@ TRAIN_STREAM = "train"
 """Draw stream of the training-loss gradients (:func:`methods.gradients.example_generator`)."""
 QUERY_STREAM = "query"
 """Draw stream of the query measurement gradients."""
-_CACHE_VERSION = 2
-"""Bumped when the fitted curvature changes numerically (2: grouped float32 input-factor Grams)."""
+_CACHE_VERSION = 3
+"""Bumped when the fitted curvature changes numerically or its key's layout changes (2: grouped
+float32 input-factor Grams; 3: keyed by ``ctx.train_spec``, no longer by the queries)."""
 
 
 def _optional_positive_int(name: str, value: Any) -> None:
@@ -279,11 +280,17 @@ class KFACInfluence(AttributionMethod):
         return copy.deepcopy(ctx.model).to(device)
 
     def _curvature_spec(self, ctx: MethodContext, model: nn.Module) -> dict[str, Any]:
+        """The curvature's cache key: training side only (never the queries or the damping).
+
+        The base model and training set (``ctx.train_spec`` and their tensor fingerprints), the
+        schedule, hflip, seed, the fit sample count after the config's override and the
+        curvature config.
+        """
         cfg = self.config
         params = [p for _, p in sorted(model.named_parameters())]
         return {
             "version": _CACHE_VERSION,
-            "context": dict(ctx.cache_spec),
+            "train": dict(ctx.train_spec),
             "model_sha256": tensor_fingerprint(params, named=False),
             "train_sha256": tensor_fingerprint(ctx.train_images, named=False),
             "schedule": asdict(ctx.schedule),

@@ -37,7 +37,8 @@ push-through form ``(Phi Phi^T + N lambda I_N)^{-1} Phi`` (an N x N system).
 featurised example) is the artifact cache's work directory ``cache.work_dir("trak", key)``
 (``<root>/_work/trak/<key>/`` in ``benchmarks.store.ArtifactStore``), the key
 hashing everything that determines the training features (config except batch sizes and
-damping, seed, S, hflip, model and training-set fingerprints, ``ctx.cache_spec``). A killed
+damping, seed, S, hflip, model and training-set fingerprints, ``ctx.train_spec``; never the
+queries: their scoring experiment is removed after scoring). A killed
 featurisation resumes with the examples not yet flagged. The finalised features depend on the
 damping: a different damping re-finalises from the stored projected gradients. Without a cache,
 a temporary directory is used and removed.
@@ -636,6 +637,54 @@ class TRAK(AttributionMethod):
         )
         return projector, proj_dim
 
+    def _features_spec(
+        self, ctx: MethodContext, state: Mapping[str, torch.Tensor], proj_dim: int, device
+    ) -> dict[str, Any]:
+        """The key of the training features' work directory: training side only.
+
+        Everything that determines the projected training gradients: the config except batch
+        sizes and damping, the projection size, the training output function, S after the
+        config's override, hflip, seed, device type, the base model and training set
+        (``ctx.train_spec`` and their tensor fingerprints) and the schedule; never the queries.
+
+        Args:
+            ctx: the method context.
+            state: the measured model's state dict (fingerprinted).
+            proj_dim: the projection size in use (after capping at the parameter count).
+            device: the compute device.
+
+        Returns:
+            The JSON-able spec (hashed into the work directory's key).
+        """
+        cfg = self.config
+        return {
+            "method": "trak",
+            "traker": TRAK_VERSION,
+            "config": {
+                k: v
+                for k, v in asdict(cfg).items()
+                if k
+                not in (
+                    "damping",
+                    "batch_size",
+                    "proj_max_batch_size",
+                    "draw_chunk_size",
+                    "grad_mode",
+                )
+            },
+            "proj_dim": proj_dim,
+            "train_function": self._functions(ctx)[0],
+            "grad_samples": cfg.grad_samples or ctx.grad_samples,
+            "hflip": bool(ctx.hflip),
+            "seed": ctx.seed,
+            "device_type": torch.device(device).type,
+            "n_train": ctx.n_train,
+            "model": tensor_fingerprint(state, named=True),
+            "train_images": tensor_fingerprint(ctx.train_images, named=True),
+            "schedule": asdict(ctx.schedule),
+            "train": dict(ctx.train_spec),
+        }
+
     # ---- scoring ---------------------------------------------------------------------------
 
     def score(self, ctx: MethodContext) -> np.ndarray:
@@ -668,33 +717,7 @@ class TRAK(AttributionMethod):
             )
         projector, proj_dim = self._projector(n_params, device, projector_seed)
 
-        spec = {
-            "method": "trak",
-            "traker": TRAK_VERSION,
-            "config": {
-                k: v
-                for k, v in asdict(cfg).items()
-                if k
-                not in (
-                    "damping",
-                    "batch_size",
-                    "proj_max_batch_size",
-                    "draw_chunk_size",
-                    "grad_mode",
-                )
-            },
-            "proj_dim": proj_dim,
-            "train_function": train_fn_name,
-            "grad_samples": n_samples,
-            "hflip": bool(ctx.hflip),
-            "seed": ctx.seed,
-            "device_type": device.type,
-            "n_train": n_train,
-            "model": tensor_fingerprint(state, named=True),
-            "train_images": tensor_fingerprint(ctx.train_images, named=True),
-            "schedule": asdict(ctx.schedule),
-            "cache_spec": dict(ctx.cache_spec),
-        }
+        spec = self._features_spec(ctx, state, proj_dim, device)
         lambda_reg = float(n_train * cfg.damping)
         batch_size = cfg.batch_size
         if projector is None:

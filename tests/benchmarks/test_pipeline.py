@@ -97,14 +97,14 @@ def test_get_or_train_model_trains_once_and_keep_false_stores_nothing(prepared):
     setting, store, train_set, _, _ = prepared
     positions = np.arange(0, 24, 2)
     before = count_trainings(store)
-    args = (setting, store, train_set.images, positions, 5, setting.subset_train)
+    args = (setting, store, train_set.images, positions, 5, "subset_model")
     first = get_or_train_model(*args, device=CPU)
     second = get_or_train_model(*args, device=CPU)
     assert count_trainings(store) == before + 1
     for a, b in zip(_weights(first), _weights(second), strict=True):
         assert torch.equal(a, b)  # the stored copy is the trained model, bitwise
     get_or_train_model(
-        setting, store, train_set.images, positions, 6, setting.subset_train, device=CPU, keep=False
+        setting, store, train_set.images, positions, 6, "subset_model", device=CPU, keep=False
     )
     assert count_trainings(store) == before + 2
     assert len(store.list("model")) == 1

@@ -76,9 +76,8 @@ def test_base_model_fingerprint_ignores_benchmark_sizes():
     changed = s.replace(name="other", n_subsets=64, n_seeds=5, gt_mc_samples=7, grad_mc_samples=3)
     assert changed.fingerprint("base_model") == base
     assert spec_key("base-model", changed.fingerprint("base_model")) == spec_key("base-model", base)
-    for part in ("data", "queries", "subsets", "subset_model", "groundtruth", "method"):
+    for part in FINGERPRINT_PARTS:
         assert s.replace(n_subsets=64, n_seeds=5).fingerprint(part) == s.fingerprint(part), part
-    assert s.replace(n_subsets=64).fingerprint("lds") != s.fingerprint("lds")
     # ... but everything that determines the base model does change it.
     for override in (
         {"seed": 1},
@@ -93,8 +92,7 @@ def test_base_model_fingerprint_ignores_benchmark_sizes():
     assert s.replace(subset_train={"steps": 100}).fingerprint("subset_model") != s.fingerprint(
         "subset_model"
     )
-    assert s.replace(gt_mc_samples=7).fingerprint("groundtruth") != s.fingerprint("groundtruth")
-    assert s.replace(grad_mc_samples=7).fingerprint("method") != s.fingerprint("method")
+    assert s.replace(gt_mc_samples=7).fingerprint("measurement") != s.fingerprint("measurement")
 
 
 def test_fingerprint_contents_and_unknown_part():
@@ -103,7 +101,7 @@ def test_fingerprint_contents_and_unknown_part():
     assert set(fp) == {*FINGERPRINT_PARTS["base_model"], "fingerprint_version"}
     assert fp["train"]["steps"] == s.train.steps and "name" not in fp
     json.dumps(fp, allow_nan=False)
-    with pytest.raises(ValueError, match="known parts: data"):
+    with pytest.raises(ValueError, match="known parts: base_model"):
         s.fingerprint("base-model")
 
 

@@ -13,7 +13,6 @@ from benchmarks import lds
 from benchmarks.groundtruth import (
     compute_ground_truth,
     ground_truth_seed,
-    measurement_spec,
     model_spec,
     subset_masks,
 )
@@ -91,14 +90,6 @@ def test_the_ground_truth_is_a_direct_measurement_of_a_retrained_model(trajector
     assert np.isfinite(direct).all()
 
 
-def test_the_plain_targets_keep_their_measurement_keys():
-    setting = tiny_setting()
-    plain = queries_spec(setting, with_trajectories=False)
-    for target in ("loss", "elbo", "square-norm", "timestep-loss:3"):
-        assert measurement_spec("model-key", setting, target)["queries"] == plain
-    assert measurement_spec("model-key", setting, TARGET)["queries"] == queries_spec(setting, True)
-
-
 def test_missing_trajectories_fail_before_any_training(tiny_cache, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)  # plain queries only
@@ -109,5 +100,5 @@ def test_missing_trajectories_fail_before_any_training(tiny_cache, tmp_path):
     assert (cache / TRAINING_LOG).read_text() == trainings
     positions = np.flatnonzero(subset_masks(setting.n_train, setting)[0])
     seed = ground_truth_seed(setting, 0, 0)
-    spec = model_spec(setting, positions, seed, setting.subset_train, trainer="ensemble")
+    spec = model_spec(setting, "subset_model", positions, seed, trainer="ensemble")
     assert not store.exists("model", spec)

@@ -262,9 +262,9 @@ def test_ground_truth_ensembles_regroup_and_resume_bitwise(tmp_path) -> None:
     for m, k in ((1, 0), (2, 1)):
         spec = model_spec(
             setting,
+            "subset_model",
             np.flatnonzero(masks[m]),
             ground_truth_seed(setting, m, k),
-            setting.subset_train,
             trainer="ensemble",
         )
         assert stores["four"].load("model", spec)  # stored under the ensemble spec

@@ -131,7 +131,7 @@ def _make_smoke_context() -> MethodContext:
         seed=0,
         device="cpu",
         cache=None,
-        cache_spec={"test": "smoke", "n_train": N_TRAIN},
+        train_spec={"test": "smoke", "n_train": N_TRAIN},
         train_fn=train_fn,
         measure_fn=measure_fn,
         grad_samples=4,
