@@ -49,6 +49,21 @@ class ArtifactCache(Protocol):
 
 
 @dataclass(frozen=True)
+class SampleCounts:
+    """The Monte Carlo sample counts a method uses, resolved (:meth:`MethodContext.sample_counts`).
+
+    Attributes:
+        grad: draws per training example for training-side gradients.
+        query: draws per query for measurement (query-side) gradients.
+        fit: draws per training example for fitting curvature.
+    """
+
+    grad: int
+    query: int
+    fit: int
+
+
+@dataclass(frozen=True)
 class MethodContext:
     """Everything a method needs to attribute the queries to the training set.
 
@@ -117,6 +132,27 @@ class MethodContext:
                 f"train image shape {tuple(self.train_images.shape[1:])} differs from query "
                 f"image shape {tuple(self.query_images.shape[1:])}"
             )
+
+    def sample_counts(self, config: Any = None) -> SampleCounts:
+        """The sample counts a method uses: its config's where set, else this context's.
+
+        The one place where a method's ``grad_samples`` / ``query_samples`` / ``fit_samples``
+        config fields (each optional; None = the setting's value) meet the context's.
+
+        Args:
+            config: the method's config; fields it lacks or sets to None use the context's.
+
+        Returns:
+            The resolved :class:`SampleCounts`.
+        """
+
+        def resolve(name: str) -> int:
+            value = getattr(config, name, None)
+            return int(getattr(self, name) if value is None else value)
+
+        return SampleCounts(
+            grad=resolve("grad_samples"), query=resolve("query_samples"), fit=resolve("fit_samples")
+        )
 
     @property
     def n_train(self) -> int:

@@ -1,28 +1,39 @@
-"""Per-example gradients of a Monte Carlo measurement, for a chunk of examples at a time.
+"""The one per-example gradient engine: Monte Carlo gradients of an output function.
 
 The gradient of example ``j`` is ``grad_theta (1/S) sum_s m_s(theta, x_j)``, the mean over its S
-Monte Carlo draws ``(t_s, eps_s[, flip_s])`` of the per-draw measurement
-(:func:`diffusion.measurements.per_draw`). There is no Python loop over examples or draws
-(only over chunks of examples and, optionally, chunks of draws); two backends:
+Monte Carlo draws ``(t_s, eps_s[, flip_s])`` of the per-draw output function ``m``: any
+measurement of :mod:`diffusion.measurements` (the training loss, the ELBO, the square norm of
+D-TRAK, the loss at one timestep, the trajectory log-probability, ...). Every method that needs
+per-example gradients (K-FAC, TRAK, D-TRAK, ...) gets them here; TRAK through a thin traker
+adapter (``methods.trak``). There is no Python loop over draws; three backends:
 
 - ``"hooks"`` (default where it applies): one forward pass over all ``B * S`` rows of a chunk
   records each layer's inputs and outputs, one ``autograd.grad`` gives the outputs' gradients,
   and each example's weight gradient is formed from them (a ``bmm`` for linear layers, one
   grouped weight-gradient convolution for ``nn.Conv2d``). Its cost against ``vmap`` and a
-  plain batched backward pass: perf/README.md ("Per-example gradients").
+  plain batched backward pass: perf/README.md ("Per-example gradients"). Needs a
+  :class:`ParameterLayout` (Linear/Conv2d layers only).
 - ``"vmap"``: ``torch.func.vmap(grad(f))`` over the examples with ``functional_call``, the S
-  draws of one example batched inside one forward; works for any layer.
+  draws of one example batched inside one forward; works for any parameter.
+- ``"loop"``: the same per-example function, one ``autograd.grad`` per example (any
+  parameter; on CPU about 2x faster than ``vmap`` for the U-Net, and less memory).
 
-Parameters: the weights and biases of the ``nn.Linear`` and ``nn.Conv2d`` modules (the layers
-K-FAC covers, attention projections included); normalisation layers are left out, as in the
-paper (App. G.3). The flat layout (:class:`ParameterLayout`) puts, for each such module, the
-matrix ``[weight.flatten(1) | bias]`` (``[d_out, d_in (+ 1)]``, row-major) one after the other,
-which is the joint weight-and-bias layout of a Kronecker-factored curvature block.
+``"auto"`` picks hooks where they apply, else loop on CPU and vmap elsewhere.
 
-Randomness: the draws of example ``j`` come from its own ``torch.Generator`` seeded with a hash
-of ``(seed, stream, j)`` (:func:`example_generator`), so gradients do not depend on the chunk
-size or on which other examples share a chunk. With ``hflip`` every draw also flips the image
-left-right with probability 1/2 (expectation over augmentations, paper App. G.8).
+Parameters (the *layout* of the flat gradient):
+
+- :class:`ParameterLayout` (K-FAC): the weights and biases of the ``nn.Linear`` and
+  ``nn.Conv2d`` modules (attention projections included); normalisation layers are left out, as
+  in the paper (App. G.3). For each such module the matrix ``[weight.flatten(1) | bias]``
+  (``[d_out, d_in (+ 1)]``, row-major), one after the other: the joint weight-and-bias layout of
+  a Kronecker-factored curvature block.
+- :class:`ParameterList` (TRAK): every parameter, each flattened, in ``named_parameters``
+  order (the order in which traker vectorises gradients).
+
+Randomness: the draws of example ``j`` come from its own ``torch.Generator`` seeded with
+:func:`example_seed` ``(seed, stream, j)``, so gradients do not depend on the chunk size or on
+which other examples share a chunk. With ``hflip`` every draw also flips the image left-right
+with probability 1/2 (expectation over augmentations, paper App. G.8).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -44,15 +56,20 @@ __all__ = [
     "CURVATURE_MODULE_TYPES",
     "GRADIENT_BACKENDS",
     "ExampleDraws",
+    "GradientLayout",
     "LayerBlock",
     "ParameterLayout",
+    "ParameterList",
     "draw_examples",
     "example_generator",
+    "example_seed",
     "iter_gradient_chunks",
     "per_example_gradients",
+    "resolve_backend",
 ]
 
-GRADIENT_BACKENDS: tuple[str, ...] = ("auto", "hooks", "vmap")
+GRADIENT_BACKENDS: tuple[str, ...] = ("auto", "hooks", "vmap", "loop")
+"""Backends of :func:`per_example_gradients` (module docstring)."""
 
 CURVATURE_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 """Modules whose parameters are attributed (and Kronecker-factored)."""
@@ -179,6 +196,48 @@ class ParameterLayout:
 
 
 @dataclass(frozen=True)
+class ParameterList:
+    """Every parameter of a model, each flattened, in ``named_parameters`` order ``# [n_params]``.
+
+    The layout in which traker vectorises a gradient dict (TRAK, D-TRAK): normalisation layers
+    included, ``weight`` before ``bias`` as the model registers them.
+
+    Attributes:
+        names: qualified parameter names, in ``model.named_parameters()`` order.
+        shapes: their shapes.
+        n_params: total number of parameters.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    n_params: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ParameterList:
+        """Every parameter of ``model``."""
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("the model has no parameters: there is nothing to attribute")
+        return cls(
+            names=tuple(name for name, _ in named),
+            shapes=tuple(tuple(p.shape) for _, p in named),
+            n_params=sum(p.numel() for _, p in named),
+        )
+
+    def param_names(self) -> list[str]:
+        """Qualified parameter names, in layout order."""
+        return list(self.names)
+
+    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-parameter gradients: ``{name: # [B, *shape]}`` -> ``# [B, n_params]``."""
+        return torch.cat([grads[name].flatten(1) for name in self.names], dim=1)
+
+
+GradientLayout = ParameterLayout | ParameterList
+"""The parameters a gradient is taken with respect to, and their flat order."""
+
+
+@dataclass(frozen=True)
 class ExampleDraws:
     """Monte Carlo draws for B examples, S per example.
 
@@ -210,19 +269,55 @@ class ExampleDraws:
         )
 
 
+_SEED_SEQUENCE_STREAMS: dict[str, int] = {
+    "trak-train": 0x54524E,
+    "trak-query": 0x515259,
+    "trak-projection": 0x50524A,
+}
+"""Streams seeded with numpy's ``SeedSequence([seed, code, index])`` instead of the hash.
+
+TRAK's draws and projection have always been seeded this way; keeping their derivation keeps
+TRAK's and D-TRAK's scores (and cached features) unchanged. Every other stream is hashed."""
+
+
+def example_seed(seed: int, stream: str, index: int) -> int:
+    """The one seed scheme of per-example randomness: a 63-bit seed of ``(seed, stream, index)``.
+
+    A stable hash (blake2b) of the three values, except for the streams of
+    :data:`_SEED_SEQUENCE_STREAMS` (TRAK's), which use numpy's ``SeedSequence`` of
+    ``(seed, stream code, index)`` as TRAK always did (so its scores are unchanged).
+
+    Args:
+        seed: the run's seed (>= 0 for TRAK's streams).
+        stream: separates independent uses: ``"train"``, ``"query"``, ``"fit"`` (K-FAC),
+            ``"trak-train"``, ``"trak-query"``, ``"trak-projection"`` (TRAK), ...
+        index: the example's index in its set (>= 0 for TRAK's streams).
+
+    Returns:
+        A seed in ``[0, 2**63)`` that depends on these three values alone.
+    """
+    code = _SEED_SEQUENCE_STREAMS.get(stream)
+    if code is not None:
+        if seed < 0 or index < 0:
+            raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+        state = np.random.SeedSequence([seed, code, index]).generate_state(2, dtype=np.uint32)
+        return (int(state[0]) << 31) ^ int(state[1])
+    digest = hashlib.blake2b(f"{int(seed)}|{stream}|{int(index)}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
 def example_generator(seed: int, stream: str, index: int) -> torch.Generator:
-    """A CPU generator seeded with a stable hash of ``(seed, stream, index)``.
+    """A fresh CPU generator seeded with :func:`example_seed` ``(seed, stream, index)``.
 
     Args:
         seed: the run's seed.
-        stream: separates independent uses (``"train"``, ``"query"``, ``"fit"``, ...).
+        stream: separates independent uses (:func:`example_seed`).
         index: the example's index in its set.
 
     Returns:
         A fresh ``torch.Generator`` whose draws depend on these three values alone.
     """
-    digest = hashlib.blake2b(f"{int(seed)}|{stream}|{int(index)}".encode(), digest_size=8)
-    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+    return torch.Generator().manual_seed(example_seed(seed, stream, index))
 
 
 def draw_examples(
@@ -283,15 +378,15 @@ def per_example_gradients(
     draws: ExampleDraws,
     *,
     measurement: str = "loss",
-    layout: ParameterLayout | None = None,
+    layout: GradientLayout | None = None,
     trajectories: torch.Tensor | None = None,
     sample_chunk: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Per-example gradients of the Monte Carlo measurement.
+    """Per-example gradients of the Monte Carlo output function.
 
     ``out[j] = grad_theta (1/S) sum_s per_draw(measurement, x_j (flipped if flip[j, s]),
-    t[j, s], eps[j, s])`` over the attributed parameters, in the model's dtype and device.
+    t[j, s], eps[j, s])`` over the layout's parameters, in the model's dtype and device.
 
     Args:
         model: eps-prediction network ``model(x_t [N, C, H, W], t [N]) -> [N, C, H, W]``, in
@@ -299,15 +394,13 @@ def per_example_gradients(
         schedule: noise schedule.
         images: ``# [B, C, H, W]`` clean images.
         draws: their draws, ``t`` ``# [B, S]``, ``eps`` ``# [B, S, C, H, W]``.
-        measurement: a measurement name of :mod:`diffusion.measurements`.
-        layout: the attributed parameters (default: from ``model``).
+        measurement: the output function, a measurement name of :mod:`diffusion.measurements`.
+        layout: the parameters and their flat order (default: ``ParameterLayout`` of
+            ``model``; :class:`ParameterList` for every parameter).
         trajectories: ``# [B, T + 1, C, H, W]`` for ``trajectory-logprob``.
         sample_chunk: draws per forward pass (bounds memory); None = all S at once.
-        backend: ``"hooks"`` (one batched forward/backward of all ``B * S`` rows; per-example
-            weight gradients from the layers' inputs and output gradients, one ``bmm`` per
-            layer), ``"vmap"`` (``torch.func.vmap(grad(...))`` over the examples; any layer
-            type) or ``"auto"`` (hooks when every attributed layer supports them). Same values
-            up to floating-point rounding (speed: perf/README.md).
+        backend: ``"hooks"``, ``"vmap"``, ``"loop"`` or ``"auto"`` (module docstring). Same
+            values up to floating-point rounding (speed: perf/README.md).
 
     Returns:
         ``# [B, n_params]`` per-example gradients in ``layout``.
@@ -329,13 +422,8 @@ def per_example_gradients(
         )
     if sample_chunk is not None and sample_chunk < 1:
         raise ValueError(f"sample_chunk must be >= 1 or None, got {sample_chunk}")
-
-    if backend not in GRADIENT_BACKENDS:
-        raise ValueError(f"backend must be one of {GRADIENT_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "hooks" if _hooks_supported(model, layout) else "vmap"
+    compute = _BACKEND_FUNCTIONS[resolve_backend(backend, model, layout)]
     step = n_samples if sample_chunk is None else min(sample_chunk, n_samples)
-    compute = _hooked_gradients if backend == "hooks" else _vmapped_gradients
     total: torch.Tensor | None = None
     for s0 in range(0, n_samples, step):
         part = draws.samples(s0, min(s0 + step, n_samples))
@@ -347,31 +435,50 @@ def per_example_gradients(
     return total
 
 
-def _vmapped_gradients(
+def resolve_backend(backend: str, model: nn.Module, layout: GradientLayout) -> str:
+    """The backend ``"auto"`` stands for, after checking that ``backend`` applies.
+
+    Args:
+        backend: one of :data:`GRADIENT_BACKENDS`.
+        model: the model (its device and layer types).
+        layout: the parameters differentiated.
+
+    Returns:
+        ``"hooks"``, ``"vmap"`` or ``"loop"``: for ``"auto"``, hooks where every parameter is
+        a supported Linear/Conv2d layer of a :class:`ParameterLayout`, else loop on CPU and vmap
+        elsewhere.
+    """
+    if backend not in GRADIENT_BACKENDS:
+        raise ValueError(f"backend must be one of {GRADIENT_BACKENDS}, got {backend!r}")
+    hooks_apply = isinstance(layout, ParameterLayout) and _hooks_supported(model, layout)
+    if backend == "hooks" and not isinstance(layout, ParameterLayout):
+        raise ValueError(
+            "backend 'hooks' needs a ParameterLayout (Linear/Conv2d layers only); use 'vmap' "
+            "or 'loop' for every parameter"
+        )
+    if backend != "auto":
+        return backend
+    if hooks_apply:
+        return "hooks"
+    device = next(iter(model.parameters())).device
+    return "loop" if device.type == "cpu" else "vmap"
+
+
+def _item_output_function(
     model: nn.Module,
     schedule: NoiseSchedule,
-    images: torch.Tensor,
-    draws: ExampleDraws,
     measurement: str,
-    layout: ParameterLayout,
-    trajectories: torch.Tensor | None,
-) -> torch.Tensor:
-    """``vmap(grad(...))`` over the examples: ``# [B, n_params]``, mean over the draws."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    names = layout.param_names()
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"layout parameters {missing[:3]} are not parameters of the model")
-    attributed = {n: params[n].detach() for n in names}
-    frozen = {n: p.detach() for n, p in params.items() if n not in attributed}
-    dtype = attributed[names[0]].dtype
-    device = attributed[names[0]].device
-    images = images.to(device=device, dtype=dtype)
+    frozen: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+):
+    """``f(params, x0, t, eps, flip, traj) -> scalar``: one example's mean over its draws.
 
-    def item_measurement(p, x0, t, eps, flip, traj):
-        """One example: x0 ``[C, H, W]``, t ``[s]``, eps ``[s, C, H, W]`` -> scalar mean."""
+    ``x0`` ``# [C, H, W]``, ``t`` ``# [s]``, ``eps`` ``# [s, C, H, W]``, ``flip`` ``# [s]`` or
+    None, ``traj`` ``# [T + 1, C, H, W]`` or None; ``params`` the differentiated parameters
+    (``frozen`` and ``buffers`` complete the model). Shared by the vmap and loop backends.
+    """
 
+    def item_output(p, x0, t, eps, flip, traj):
         def eps_model(x_t, tt):
             return functional_call(model, (p, frozen, buffers), (x_t, tt))
 
@@ -390,21 +497,84 @@ def _vmapped_gradients(
             values = per_draw(measurement, eps_model, schedule, x0s, t[:, None], eps[:, None])
         return values.mean()
 
-    flips_given = draws.flip is not None
-    traj_given = trajectories is not None
-    in_dims = (None, 0, 0, 0, 0 if flips_given else None, 0 if traj_given else None)
-    batched_grad = vmap(grad(item_measurement), in_dims=in_dims)
-    traj = None if trajectories is None else trajectories.to(device=device, dtype=dtype)
+    return item_output
 
-    grads = batched_grad(
-        attributed,
-        images,
+
+def _split_parameters(
+    model: nn.Module, layout: GradientLayout
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(differentiated, frozen, buffers): detached parameter dicts for ``functional_call``."""
+    params = dict(model.named_parameters())
+    names = layout.param_names()
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"layout parameters {missing[:3]} are not parameters of the model")
+    attributed = {n: params[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in params.items() if n not in attributed}
+    return attributed, frozen, dict(model.named_buffers())
+
+
+def _functional_inputs(
+    attributed: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    draws: ExampleDraws,
+    trajectories: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """(images, t, eps, flip, trajectories) on the parameters' device and dtype."""
+    first = next(iter(attributed.values()))
+    dtype, device = first.dtype, first.device
+    return (
+        images.to(device=device, dtype=dtype),
         draws.t.to(device),
         draws.eps.to(device=device, dtype=dtype),
         None if draws.flip is None else draws.flip.to(device),
-        traj,
+        None if trajectories is None else trajectories.to(device=device, dtype=dtype),
     )
+
+
+def _vmapped_gradients(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    draws: ExampleDraws,
+    measurement: str,
+    layout: GradientLayout,
+    trajectories: torch.Tensor | None,
+) -> torch.Tensor:
+    """``vmap(grad(...))`` over the examples: ``# [B, n_params]``, mean over the draws."""
+    attributed, frozen, buffers = _split_parameters(model, layout)
+    item_output = _item_output_function(model, schedule, measurement, frozen, buffers)
+    inputs = _functional_inputs(attributed, images, draws, trajectories)
+    in_dims = (None, *(None if x is None else 0 for x in inputs))
+    grads = vmap(grad(item_output), in_dims=in_dims)(attributed, *inputs)
     return layout.flatten(grads)  # [B, n_params]
+
+
+def _looped_gradients(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,
+    draws: ExampleDraws,
+    measurement: str,
+    layout: GradientLayout,
+    trajectories: torch.Tensor | None,
+) -> torch.Tensor:
+    """One ``autograd.grad`` per example: ``# [B, n_params]``, mean over the draws."""
+    attributed, frozen, buffers = _split_parameters(model, layout)
+    item_output = _item_output_function(model, schedule, measurement, frozen, buffers)
+    inputs = _functional_inputs(attributed, images, draws, trajectories)
+    leaves = {n: p.requires_grad_(True) for n, p in attributed.items()}
+    rows: list[torch.Tensor] = []
+    for b in range(int(draws.t.shape[0])):
+        with torch.enable_grad():
+            value = item_output(leaves, *(None if x is None else x[b] for x in inputs))
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        named = {
+            n: (torch.zeros_like(p) if g is None else g)[None]
+            for (n, p), g in zip(leaves.items(), grads, strict=True)
+        }
+        rows.append(layout.flatten(named))  # [1, n_params]
+    return torch.cat(rows)
 
 
 def _hooks_supported(model: nn.Module, layout: ParameterLayout) -> bool:
@@ -559,6 +729,13 @@ def _layer_example_grads(
     return torch.cat([weight, g.sum(dim=1).unsqueeze(-1)], dim=-1)
 
 
+_BACKEND_FUNCTIONS = {
+    "hooks": _hooked_gradients,
+    "vmap": _vmapped_gradients,
+    "loop": _looped_gradients,
+}
+
+
 def iter_gradient_chunks(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -570,9 +747,10 @@ def iter_gradient_chunks(
     batch_size: int,
     measurement: str = "loss",
     hflip: bool = False,
-    layout: ParameterLayout | None = None,
+    layout: GradientLayout | None = None,
     trajectories: torch.Tensor | None = None,
     sample_chunk: int | None = None,
+    backend: str = "auto",
     progress: bool = False,
     desc: str = "gradients",
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -589,11 +767,12 @@ def iter_gradient_chunks(
         seed: the run's seed.
         stream: the draws' stream (:func:`example_generator`).
         batch_size: examples per yielded chunk.
-        measurement: the function differentiated (a ``diffusion.measurements`` name).
+        measurement: the output function differentiated (a ``diffusion.measurements`` name).
         hflip: average over random horizontal flips as training did.
         layout: the parameter layout (default: every attributed layer of ``model``).
         trajectories: ``# [N, T + 1, C, H, W]`` for ``trajectory-logprob``.
         sample_chunk: draws per backward pass (memory only; default: all).
+        backend: the gradient backend (:func:`per_example_gradients`).
         progress: show a progress bar.
         desc: the progress bar's label.
 
@@ -629,5 +808,6 @@ def iter_gradient_chunks(
             layout=layout,
             trajectories=None if trajectories is None else trajectories[start:stop],
             sample_chunk=sample_chunk,
+            backend=backend,
         )
         yield start, stop, grads

@@ -33,7 +33,7 @@ from torch import nn
 from diffusion.measurements import parse_measurement
 from methods.base import AttributionMethod
 from methods.fingerprint import tensor_fingerprint
-from methods.gradients import ParameterLayout, iter_gradient_chunks
+from methods.gradients import GRADIENT_BACKENDS, ParameterLayout, iter_gradient_chunks
 from methods.kfac_curvature import (
     HESSIANS,
     KFAC_APPROXES,
@@ -145,6 +145,9 @@ class KFACInfluence(AttributionMethod):
                 (``batch_size * samples`` forward rows); scores do not depend on it.
             sample_chunk: draws per forward pass inside a chunk; None = all draws of the chunk at
                 once. Bounds memory further; scores do not depend on it.
+            backend: per-example gradient backend (:func:`methods.gradients.per_example_gradients`:
+                ``"auto"``, ``"hooks"``, ``"vmap"``, ``"loop"``); scores do not depend on it
+                beyond rounding.
         """
 
         hessian: str = "ggn-model"
@@ -158,6 +161,7 @@ class KFACInfluence(AttributionMethod):
         quantize: str | None = "int8"
         batch_size: int = 16
         sample_chunk: int | None = None
+        backend: str = "auto"
 
         def __post_init__(self) -> None:
             if self.hessian not in HESSIANS:
@@ -179,6 +183,10 @@ class KFACInfluence(AttributionMethod):
                 _optional_positive_int(name, getattr(self, name))
             if self.measurement is not None:
                 parse_measurement(self.measurement)  # raises ValueError listing valid names
+            if self.backend not in GRADIENT_BACKENDS:
+                raise ValueError(
+                    f"backend must be one of {GRADIENT_BACKENDS}, got {self.backend!r}"
+                )
             if self.quantize not in QUANTIZATIONS:
                 raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
             if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
@@ -227,7 +235,7 @@ class KFACInfluence(AttributionMethod):
             model,
             ctx.schedule,
             ctx.query_images,
-            n_samples=cfg.query_samples or ctx.query_samples,
+            n_samples=ctx.sample_counts(cfg).query,
             seed=ctx.seed,
             stream=QUERY_STREAM,
             batch_size=cfg.batch_size,
@@ -236,6 +244,7 @@ class KFACInfluence(AttributionMethod):
             layout=layout,
             trajectories=ctx.query_trajectories if base == "trajectory-logprob" else None,
             sample_chunk=cfg.sample_chunk,
+            backend=cfg.backend,
             progress=ctx.progress,
             desc="query gradients",
         ):
@@ -297,7 +306,7 @@ class KFACInfluence(AttributionMethod):
             "curvature": cfg.curvature,
             "hessian": cfg.hessian,
             "kfac_approx": cfg.kfac_approx if cfg.curvature != "dense" else None,
-            "fit_samples": cfg.fit_samples or ctx.fit_samples,
+            "fit_samples": ctx.sample_counts(cfg).fit,
             "seed": ctx.seed,
             "hflip": ctx.hflip,
             "dtype": str(params[0].dtype),
@@ -315,7 +324,7 @@ class KFACInfluence(AttributionMethod):
         def compute() -> dict[str, torch.Tensor]:
             common = {
                 "hessian": cfg.hessian,
-                "n_samples": cfg.fit_samples or ctx.fit_samples,
+                "n_samples": ctx.sample_counts(cfg).fit,
                 "seed": ctx.seed,
                 "hflip": ctx.hflip,
                 "batch_size": cfg.batch_size,
@@ -375,7 +384,7 @@ class KFACInfluence(AttributionMethod):
             model,
             ctx.schedule,
             ctx.train_images,
-            n_samples=cfg.grad_samples or ctx.grad_samples,
+            n_samples=ctx.sample_counts(cfg).grad,
             seed=ctx.seed,
             stream=TRAIN_STREAM,
             batch_size=cfg.batch_size,
@@ -383,6 +392,7 @@ class KFACInfluence(AttributionMethod):
             hflip=ctx.hflip,
             layout=layout,
             sample_chunk=cfg.sample_chunk,
+            backend=cfg.backend,
             progress=ctx.progress,
             desc="training gradients",
         ):

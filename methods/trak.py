@@ -43,8 +43,12 @@ featurisation resumes with the examples not yet flagged. The finalised features 
 damping: a different damping re-finalises from the stored projected gradients. Without a cache,
 a temporary directory is used and removed.
 
-**Monte Carlo draws** depend only on ``(ctx.seed, stream, example index)`` (see
-:func:`example_draws`), so scores do not depend on batch sizes.
+**Per-example gradients** come from the one engine, :mod:`methods.gradients` (every parameter,
+:class:`~methods.gradients.ParameterList`, in traker's vectorisation order); the traker gradient
+computer here only adapts its batches. **Monte Carlo draws** depend only on ``(ctx.seed, stream,
+example index)`` (:func:`methods.gradients.draw_examples`, streams ``"trak-train"`` and
+``"trak-query"``), so scores do not depend on batch sizes. Sample counts: ``grad_samples`` per
+training example, ``query_samples`` per query (:meth:`MethodContext.sample_counts`).
 """
 
 from __future__ import annotations
@@ -74,24 +78,30 @@ from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import BasicProjector, NoOpProjector, ProjectionType
 from trak.score_computers import BasicScoreComputer
 
-from diffusion.measurements import draw_mc, parse_measurement, per_draw
+from diffusion.measurements import parse_measurement
 from diffusion.schedule import NoiseSchedule
 from methods.base import AttributionMethod, MethodUnavailableError
 from methods.fingerprint import tensor_fingerprint
+from methods.gradients import (
+    ExampleDraws,
+    ParameterList,
+    draw_examples,
+    example_seed,
+    per_example_gradients,
+)
 
 if TYPE_CHECKING:
     from methods.context import ArtifactCache, MethodContext
 
 __all__ = [
+    "BACKENDS",
     "OUTPUT_FUNCTIONS",
     "PROJECTORS",
+    "QUERY_STREAM",
+    "TRAIN_STREAM",
     "TRAK",
     "TRAKConfig",
     "DiffusionModelOutput",
-    "ExampleDraws",
-    "GRAD_MODES",
-    "example_draws",
-    "example_seed",
 ]
 
 OUTPUT_FUNCTIONS: tuple[str, ...] = ("loss", "square-norm")
@@ -99,11 +109,15 @@ OUTPUT_FUNCTIONS: tuple[str, ...] = ("loss", "square-norm")
 (``mean ||eps_theta(x_t, t)||^2`` for both the training side and the queries)."""
 
 PROJECTORS: tuple[str, ...] = ("auto", "basic", "cuda", "identity")
-GRAD_MODES: tuple[str, ...] = ("auto", "loop", "vmap")
+BACKENDS: tuple[str, ...] = ("auto", "loop", "vmap")
+"""Gradient backends that apply to every parameter (:func:`methods.gradients.per_example_gradients`)."""
 
-TRAIN_STREAM = 0x54524E  # seed streams of the Monte Carlo draws (see example_seed)
-QUERY_STREAM = 0x515259
-PROJECTION_STREAM = 0x50524A
+TRAIN_STREAM = "trak-train"
+"""Draw stream of the training gradients (:func:`methods.gradients.example_seed`)."""
+QUERY_STREAM = "trak-query"
+"""Draw stream of the query gradients."""
+PROJECTION_STREAM = "trak-projection"
+"""Seed stream of the random projection."""
 
 _MODEL_ID = 0  # one checkpoint: the base model
 _FINALIZED_FILE = "finalized_lambda.json"
@@ -132,15 +146,16 @@ class TRAKConfig:
         damping: lambda >= 0 in the paper's normalisation (GGN of the loss averaged over N, in
             the projected space); passed to traker as ``lambda_reg = N * damping``. Default
             1e-9 (the paper's default for TRAK). 0 only works when the system is non-singular.
-        grad_samples: Monte Carlo (t, eps) draws per example for every gradient, or None to
-            use ``ctx.grad_samples`` (the setting's value; paper: 250).
+        grad_samples: Monte Carlo (t, eps) draws per training example, or None to use
+            ``ctx.grad_samples`` (the setting's value; paper: 250).
+        query_samples: draws per query, or None to use ``ctx.query_samples``.
         batch_size: examples per vectorised gradient computation (memory knob; scores do not
             depend on it). With the CUDA projector it is capped at ``proj_max_batch_size``.
-        draw_chunk_size: draws per gradient pass inside a batch (memory knob: the gradient
+        sample_chunk: draws per gradient pass inside a batch (memory knob: the gradient
             is accumulated over chunks of the S draws), or None for all S at once.
-        grad_mode: per-example gradients by ``"vmap"`` (traker's ``torch.func.vmap`` over the
-            batch), ``"loop"`` (one autograd pass per example: ~2x faster on CPU for the
-            U-Net, less memory) or ``"auto"`` (loop on CPU, vmap on GPU).
+        backend: per-example gradients by ``"vmap"`` (``torch.func.vmap`` over the batch),
+            ``"loop"`` (one autograd pass per example: ~2x faster on CPU for the U-Net, less
+            memory) or ``"auto"`` (loop on CPU, vmap on GPU); see :mod:`methods.gradients`.
         projector: ``"auto"`` (``fast_jl`` CUDA projector when the device is CUDA and fast_jl
             is installed, else ``"basic"``), ``"basic"`` (traker's ``BasicProjector``: N(0, 1)
             entries on CPU, Rademacher on GPU), ``"cuda"`` (require fast_jl) or ``"identity"``
@@ -159,9 +174,10 @@ class TRAKConfig:
     proj_dim: int = 32768
     damping: float = 1e-9
     grad_samples: int | None = None
+    query_samples: int | None = None
     batch_size: int = 16
-    draw_chunk_size: int | None = None
-    grad_mode: str = "auto"
+    sample_chunk: int | None = None
+    backend: str = "auto"
     projector: str = "auto"
     proj_max_batch_size: int = 32
     projector_block_mb: int = 1024
@@ -171,15 +187,15 @@ class TRAKConfig:
             raise ValueError(
                 f"output_function must be one of {OUTPUT_FUNCTIONS}, got {self.output_function!r}"
             )
-        if self.grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         for name in ("proj_dim", "batch_size", "projector_block_mb"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("grad_samples", "draw_chunk_size"):
+        for name in ("grad_samples", "query_samples", "sample_chunk"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
@@ -198,140 +214,34 @@ class TRAKConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Monte Carlo draws that depend only on (seed, stream, example index)
-# --------------------------------------------------------------------------------------------
-
-
-def example_seed(seed: int, stream: int, index: int) -> int:
-    """A 63-bit seed derived from ``(seed, stream, index)`` by numpy's ``SeedSequence``.
-
-    Args:
-        seed: the run's seed, >= 0.
-        stream: which use of the draws (``TRAIN_STREAM``, ``QUERY_STREAM``, ...), so that
-            different uses of the same example get independent draws.
-
-        index: the example's position in its set, >= 0.
-
-    Returns:
-        The seed of the example's generator, in ``[0, 2**63)``.
-    """
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    state = np.random.SeedSequence([seed, stream, index]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-@dataclass(frozen=True)
-class ExampleDraws:
-    """The Monte Carlo draws of one example.
-
-    Attributes:
-        t: ``# [S]`` int64 0-indexed timesteps.
-        eps: ``# [S, C, H, W]`` float32 noise.
-        flip: ``# [S]`` bool, horizontal flip of the image for each draw (all False without
-            hflip).
-    """
-
-    t: torch.Tensor
-    eps: torch.Tensor
-    flip: torch.Tensor
-
-
-def example_draws(
-    seed: int,
-    stream: int,
-    index: int,
-    n_samples: int,
-    image_shape: tuple[int, int, int],
-    num_timesteps: int,
-    *,
-    hflip: bool = False,
-) -> ExampleDraws:
-    """The Monte Carlo draws of example ``index``, independent of the batch it is in.
-
-    ``draw_mc(1, S, ...)`` from a generator seeded with :func:`example_seed`, then (with
-    ``hflip``) S fair coin flips from the same generator.
-
-    Args:
-        seed: the run's seed.
-        stream: which use of the draws (see :func:`example_seed`).
-        index: the example's position in its set.
-        n_samples: S, the number of (t, eps) draws.
-        image_shape: ``(C, H, W)`` of the noise.
-        num_timesteps: T of the noise schedule; timesteps are drawn in ``[0, T)``.
-        hflip: also draw a horizontal flip per draw (training used random flips).
-
-    Returns:
-        The example's draws: t ``# [S]``, eps ``# [S, C, H, W]``, flip ``# [S]``.
-    """
-    generator = torch.Generator().manual_seed(example_seed(seed, stream, index))
-    draws = draw_mc(1, n_samples, image_shape, num_timesteps, generator=generator)
-    if hflip:
-        flip = torch.rand(n_samples, generator=generator) < 0.5  # [S]
-    else:
-        flip = torch.zeros(n_samples, dtype=torch.bool)
-    return ExampleDraws(t=draws.t[0], eps=draws.eps[0], flip=flip)
-
-
-def _batch_draws(
-    seed: int,
-    stream: int,
-    indices: np.ndarray,
-    n_samples: int,
-    image_shape: tuple[int, int, int],
-    num_timesteps: int,
-    hflip: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stacked draws of ``indices``: t ``[B, S]``, eps ``[B, S, C, H, W]``, flip ``[B, S]``."""
-    draws = [
-        example_draws(seed, stream, int(i), n_samples, image_shape, num_timesteps, hflip=hflip)
-        for i in indices
-    ]
-    return (
-        torch.stack([d.t for d in draws]),
-        torch.stack([d.eps for d in draws]),
-        torch.stack([d.flip for d in draws]),
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # traker plumbing: the model-output function, gradient and score computers
 # --------------------------------------------------------------------------------------------
 
 
 class _MeasuredModel(nn.Module):
-    """Wraps the eps-model so that ``forward`` is a measurement (for ``functional_call``).
+    """The eps-model under the prefix ``model.``: the module traker holds and loads states into.
 
-    Its parameters are the wrapped model's, under the prefix ``model.``.
+    Gradients never go through its ``forward`` (the engine differentiates the inner model);
+    the prefix keeps the state-dict keys that the features' key fingerprints.
     """
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.schedule = schedule
-
-    def forward(
-        self,
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        eps: torch.Tensor,
-        *,
-        name: str,
-        trajectory: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x0 ``[B, C, H, W]``, t ``[B, S]``, eps ``[B, S, C, H, W]`` -> per-draw values ``[B, S]``."""
-        return per_draw(name, self.model, self.schedule, x0, t, eps, trajectory=trajectory)
 
 
 class DiffusionModelOutput(AbstractModelOutput):
-    """traker model-output function: a diffusion measurement averaged over an example's draws.
+    """traker's model-output function: names the output function the gradient computer uses.
+
+    The gradients themselves come from :func:`methods.gradients.per_example_gradients` (see
+    ``_PerExampleGradientComputer``); traker only calls :meth:`get_out_to_loss_grad`.
 
     Args:
         function: a measurement name (``diffusion.measurements``): ``"loss"`` or
             ``"square-norm"`` on the training side, ``ctx.measurement`` on the query side.
-        layout: ``"train"``: the batch is ``(x0 [B, C, H, W], t [B, S], eps [B, S, C, H, W],
-            flip [B, S])`` and every draw may flip the image; ``"query"``: ``(x0, t, eps)`` or
-            ``(x0, t, eps, trajectory [B, T + 1, C, H, W])``, no flips.
+        layout: ``"train"``: the batch is ``(x0 [B, C, H, W], t [B, S], eps [B, S, C, H, W])``
+            plus ``flip [B, S]`` with hflip; ``"query"``: ``(x0, t, eps)`` plus ``trajectory
+            [B, T + 1, C, H, W]`` for ``trajectory-logprob``.
     """
 
     def __init__(self, function: str, layout: str) -> None:
@@ -341,53 +251,9 @@ class DiffusionModelOutput(AbstractModelOutput):
         self.function = function
         self.layout = layout
 
-    @property
-    def draw_axis_positions(self) -> tuple[int, ...]:
-        """Positions in the batch tuple of tensors with a draw axis at dim 1."""
-        return (1, 2, 3) if self.layout == "train" else (1, 2)
-
-    def get_output(
-        self,
-        model: nn.Module,
-        weights: Mapping[str, torch.Tensor],
-        buffers: Mapping[str, torch.Tensor],
-        x0: torch.Tensor,
-        t: torch.Tensor,
-        eps: torch.Tensor,
-        extra: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The model output of one example, averaged over its S draws (traker vmaps the batch).
-
-        Args:
-            model: the wrapped model; called with ``name=`` the output function.
-            weights: parameter name -> tensor, the parameters to differentiate.
-            buffers: buffer name -> tensor.
-            x0: ``# [C, H, W]`` the example's image.
-            t: ``# [S]`` timesteps of its draws.
-            eps: ``# [S, C, H, W]`` noise of its draws.
-            extra: flip ``# [S]`` (train layout), or trajectory ``# [T + 1, C, H, W]`` (query
-                layout, trajectory-logprob only; None otherwise).
-
-        Returns:
-            The scalar mean of the output over the S draws.
-        """
-        params = (dict(weights), dict(buffers))
-        if self.layout == "train":
-            n = t.shape[0]
-            x = x0.unsqueeze(0).expand(n, *x0.shape)  # [S, C, H, W]
-            x = torch.where(extra.reshape(n, 1, 1, 1), x.flip(-1), x)
-            values = torch.func.functional_call(
-                model, params, (x, t[:, None], eps[:, None]), {"name": self.function}
-            )  # [S, 1]
-        else:
-            trajectory = None if extra is None else extra.unsqueeze(0)
-            values = torch.func.functional_call(
-                model,
-                params,
-                (x0.unsqueeze(0), t.unsqueeze(0), eps.unsqueeze(0)),
-                {"name": self.function, "trajectory": trajectory},
-            )  # [1, S]
-        return values.mean()
+    def get_output(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Not used: per-example gradients come from :mod:`methods.gradients`."""
+        raise NotImplementedError("TRAK's gradients come from methods.gradients")
 
     def get_out_to_loss_grad(
         self, model: nn.Module, weights: Any, buffers: Any, batch: tuple[torch.Tensor, ...]
@@ -407,54 +273,43 @@ class DiffusionModelOutput(AbstractModelOutput):
 
 
 class _PerExampleGradientComputer(FunctionalGradientComputer):
-    """Per-example gradients of the model output, in one of two modes, over chunks of draws.
+    """traker's gradient computer as an adapter of :func:`methods.gradients.per_example_gradients`.
 
-    ``grad_mode="vmap"`` is traker's ``torch.func.vmap`` over the batch; ``"loop"`` runs one
-    ``torch.autograd.grad`` per example (about 2x faster than vmap for the U-Net on CPU, and
-    exactly independent of the batch composition). The output is a mean over draws, so the
-    gradient over all S draws is the chunk-size-weighted mean of the gradients over chunks of
-    ``draw_chunk_size`` draws (None: one pass). Both attributes are set after construction
-    (traker constructs this class itself).
+    traker constructs it and calls ``compute_per_sample_grad(batch)`` with the batches that
+    :meth:`TRAK.score` passes to ``featurize``/``score``; the output function is the task's
+    (:class:`DiffusionModelOutput`). ``schedule``, ``sample_chunk`` and ``backend`` are set
+    after construction.
     """
 
-    draw_chunk_size: int | None = None
-    grad_mode: str = "vmap"
+    schedule: NoiseSchedule
+    sample_chunk: int | None = None
+    backend: str = "auto"
 
-    def _grads(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """``{name: [B, *param.shape]}`` gradients of each example's output."""
-        if self.grad_mode == "vmap":
-            return super().compute_per_sample_grad(batch=batch)
-        names = list(self.func_weights)
-        params = [self.func_weights[k] for k in names]
-        rows: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-        for i in range(batch[0].shape[0]):
-            with torch.enable_grad():
-                out = self.modelout_fn.get_output(
-                    self.model, self.func_weights, self.func_buffers, *(b[i] for b in batch)
-                )
-                grads = torch.autograd.grad(out, params, allow_unused=True)
-            for k, p, g in zip(names, params, grads, strict=True):
-                rows[k].append(torch.zeros_like(p) if g is None else g.detach())
-        return {k: torch.stack(v) for k, v in rows.items()}
+    def compute_per_sample_grad(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``# [B, n_params]`` gradients of each example's output, every parameter of the model.
 
-    def compute_per_sample_grad(self, batch):
-        n_draws = batch[1].shape[1]
-        chunk = self.draw_chunk_size or n_draws
-        if chunk >= n_draws:
-            return self._grads(batch)
-        positions = self.modelout_fn.draw_axis_positions
-        total: dict[str, torch.Tensor] | None = None
-        for start in range(0, n_draws, chunk):
-            stop = min(start + chunk, n_draws)
-            part = tuple(b[:, start:stop] if i in positions else b for i, b in enumerate(batch))
-            grads = self._grads(part)
-            weight = (stop - start) / n_draws
-            if total is None:
-                total = {k: g * weight for k, g in grads.items()}
-            else:
-                for k, g in grads.items():
-                    total[k] = total[k] + g * weight
-        return total
+        Args:
+            batch: ``(x0, t, eps[, extra])`` as described by :class:`DiffusionModelOutput`.
+
+        Returns:
+            The flat gradients in traker's order (``named_parameters``, each flattened).
+        """
+        task = self.modelout_fn
+        x0, t, eps, *rest = batch
+        extra = rest[0] if rest else None
+        flip = extra if task.layout == "train" else None
+        model = self.model.model
+        return per_example_gradients(
+            model,
+            self.schedule,
+            x0,
+            ExampleDraws(t=t, eps=eps, flip=flip),
+            measurement=task.function,
+            layout=ParameterList.from_model(model),
+            trajectories=extra if task.layout == "query" else None,
+            sample_chunk=self.sample_chunk,
+            backend=self.backend,
+        )
 
 
 class _BasicProjector(BasicProjector):
@@ -668,13 +523,14 @@ class TRAK(AttributionMethod):
                     "damping",
                     "batch_size",
                     "proj_max_batch_size",
-                    "draw_chunk_size",
-                    "grad_mode",
+                    "sample_chunk",
+                    "backend",
+                    "query_samples",
                 )
             },
             "proj_dim": proj_dim,
             "train_function": self._functions(ctx)[0],
-            "grad_samples": cfg.grad_samples or ctx.grad_samples,
+            "grad_samples": ctx.sample_counts(cfg).grad,
             "hflip": bool(ctx.hflip),
             "seed": ctx.seed,
             "device_type": torch.device(device).type,
@@ -700,14 +556,10 @@ class TRAK(AttributionMethod):
                 "[n_queries, T + 1, C, H, W]"
             )
         device = torch.device(ctx.device)
-        n_train, n_queries = ctx.n_train, ctx.n_queries
-        n_samples = cfg.grad_samples or ctx.grad_samples
-        image_shape = tuple(int(s) for s in ctx.train_images.shape[1:])
-        num_t = ctx.schedule.num_timesteps
+        n_train = ctx.n_train
         projector_seed = example_seed(ctx.seed, PROJECTION_STREAM, 0) % (2**30)
 
-        base = _copy_model(ctx.model, device)
-        wrapper = _MeasuredModel(base, ctx.schedule).to(device).eval()
+        wrapper = _MeasuredModel(_copy_model(ctx.model, device)).to(device).eval()
         state = wrapper.state_dict()
         n_params = sum(p.numel() for p in wrapper.parameters())
         if cfg.projector == "identity" and n_params > 20_000:
@@ -741,27 +593,13 @@ class TRAK(AttributionMethod):
                 projector_seed=projector_seed,
                 lambda_reg=lambda_reg,
             )
-            traker.gradient_computer.draw_chunk_size = cfg.draw_chunk_size
-            traker.gradient_computer.grad_mode = (
-                cfg.grad_mode
-                if cfg.grad_mode != "auto"
-                else ("loop" if device.type == "cpu" else "vmap")
-            )
-            train_images = ctx.train_images.detach()
+            computer = traker.gradient_computer
+            computer.schedule = ctx.schedule
+            computer.sample_chunk = cfg.sample_chunk
+            computer.backend = cfg.backend
 
-            # ---- featurise the training set (resumes: skips flagged examples) ----
             traker.load_checkpoint(state, model_id=_MODEL_ID)
-            done = np.asarray(traker.saver.current_store["is_featurized"]).reshape(-1)
-            todo = np.flatnonzero(done == 0)
-            batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-            for inds in tqdm(batches, desc="TRAK featurise", disable=not ctx.progress):
-                t, eps, flip = _batch_draws(
-                    ctx.seed, TRAIN_STREAM, inds, n_samples, image_shape, num_t, ctx.hflip
-                )
-                x0 = train_images[torch.from_numpy(inds)].to(device)
-                dtype = x0.dtype
-                batch = (x0, t.to(device), eps.to(device, dtype), flip.to(device))
-                traker.featurize(batch=batch, inds=inds)
+            self._featurize(traker, ctx, batch_size, device)
 
             # ---- finalise: Phi (Phi^T Phi + lambda_reg I)^-1, redone if the damping changed ----
             meta = traker.saver.model_ids[_MODEL_ID]
@@ -771,34 +609,7 @@ class TRAK(AttributionMethod):
                     traker.finalize_features(model_ids=[_MODEL_ID])
                 _write_finalized(save_dir, lambda_reg)
 
-            # ---- query gradients and scores ----
-            query_spec = {
-                "queries": tensor_fingerprint(ctx.query_images, named=True),
-                "function": query_fn_name,
-                "grad_samples": n_samples,
-                "seed": ctx.seed,
-            }
-            exp_name = "q" + _spec_hash(query_spec)
-            traker.gradient_computer.modelout_fn = DiffusionModelOutput(query_fn_name, "query")
-            traker.task = traker.gradient_computer.modelout_fn
-            traker.start_scoring_checkpoint(
-                exp_name=exp_name, checkpoint=state, model_id=_MODEL_ID, num_targets=n_queries
-            )
-            query_images = ctx.query_images.detach()
-            q_batches = [
-                np.arange(i, min(i + batch_size, n_queries))
-                for i in range(0, n_queries, batch_size)
-            ]
-            for inds in tqdm(q_batches, desc="TRAK queries", disable=not ctx.progress):
-                t, eps, _ = _batch_draws(
-                    ctx.seed, QUERY_STREAM, inds, n_samples, image_shape, num_t, False
-                )
-                x0 = query_images[torch.from_numpy(inds)].to(device)
-                batch: tuple[torch.Tensor, ...] = (x0, t.to(device), eps.to(device, x0.dtype))
-                if query_fn_name == "trajectory-logprob":
-                    traj = ctx.query_trajectories[torch.from_numpy(inds)]
-                    batch = (*batch, traj.to(device, x0.dtype))
-                traker.score(batch=batch, inds=inds)
+            exp_name = self._score_queries(traker, ctx, state, query_fn_name, batch_size, device)
             with _quiet_traker_bars(ctx.progress):
                 raw = traker.finalize_scores(exp_name=exp_name, model_ids=[_MODEL_ID])
             scores = np.array(raw, dtype=np.float64).T  # [n_queries, n_train]
@@ -808,6 +619,131 @@ class TRAK(AttributionMethod):
                 "TRAK produced non-finite scores: increase the damping or check the model"
             )
         return scores
+
+    def _featurize(
+        self, traker: TRAKer, ctx: MethodContext, batch_size: int, device: torch.device
+    ) -> None:
+        """Featurise the training examples not yet flagged (resumes a killed featurisation).
+
+        Args:
+            traker: the TRAKer, with the base model's checkpoint loaded.
+            ctx: the method context (training images, seed, hflip, sample counts).
+            batch_size: examples per gradient batch.
+            device: the compute device.
+        """
+        n_samples = ctx.sample_counts(self.config).grad
+        done = np.asarray(traker.saver.current_store["is_featurized"]).reshape(-1)
+        todo = np.flatnonzero(done == 0)
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        for inds in tqdm(batches, desc="TRAK featurise", disable=not ctx.progress):
+            batch = _gradient_batch(
+                ctx.train_images.detach(),
+                inds,
+                n_samples=n_samples,
+                seed=ctx.seed,
+                stream=TRAIN_STREAM,
+                num_timesteps=ctx.schedule.num_timesteps,
+                hflip=ctx.hflip,
+                device=device,
+            )
+            traker.featurize(batch=batch, inds=inds)
+
+    def _score_queries(
+        self,
+        traker: TRAKer,
+        ctx: MethodContext,
+        state: Mapping[str, torch.Tensor],
+        function: str,
+        batch_size: int,
+        device: torch.device,
+    ) -> str:
+        """Project the queries' gradients into a new scoring experiment; returns its name.
+
+        Args:
+            traker: the TRAKer, features finalised.
+            ctx: the method context (queries, their trajectories, seed, sample counts).
+            state: the base model's state dict (the scoring checkpoint).
+            function: the query-side output function (a measurement name).
+            batch_size: queries per gradient batch.
+            device: the compute device.
+
+        Returns:
+            The experiment's name (pass it to ``finalize_scores``).
+        """
+        n_samples = ctx.sample_counts(self.config).query
+        query_spec = {
+            "queries": tensor_fingerprint(ctx.query_images, named=True),
+            "function": function,
+            "query_samples": n_samples,
+            "seed": ctx.seed,
+        }
+        exp_name = "q" + _spec_hash(query_spec)
+        traker.gradient_computer.modelout_fn = DiffusionModelOutput(function, "query")
+        traker.task = traker.gradient_computer.modelout_fn
+        traker.start_scoring_checkpoint(
+            exp_name=exp_name, checkpoint=state, model_id=_MODEL_ID, num_targets=ctx.n_queries
+        )
+        trajectories = ctx.query_trajectories if function == "trajectory-logprob" else None
+        n_queries = ctx.n_queries
+        batches = [
+            np.arange(i, min(i + batch_size, n_queries)) for i in range(0, n_queries, batch_size)
+        ]
+        for inds in tqdm(batches, desc="TRAK queries", disable=not ctx.progress):
+            batch = _gradient_batch(
+                ctx.query_images.detach(),
+                inds,
+                n_samples=n_samples,
+                seed=ctx.seed,
+                stream=QUERY_STREAM,
+                num_timesteps=ctx.schedule.num_timesteps,
+                hflip=False,  # the measurement is on the query as it appeared (App. G.8)
+                device=device,
+                trajectories=trajectories,
+            )
+            traker.score(batch=batch, inds=inds)
+        return exp_name
+
+
+def _gradient_batch(
+    images: torch.Tensor,
+    inds: np.ndarray,
+    *,
+    n_samples: int,
+    seed: int,
+    stream: str,
+    num_timesteps: int,
+    hflip: bool,
+    device: torch.device,
+    trajectories: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The batch traker hands to the gradient computer (:class:`DiffusionModelOutput`).
+
+    Args:
+        images: ``# [N, C, H, W]`` the whole set.
+        inds: ``# [B]`` positions of the batch's examples.
+        n_samples: Monte Carlo draws per example.
+        seed: the run's seed.
+        stream: the draws' stream (:func:`methods.gradients.example_seed`).
+        num_timesteps: T of the noise schedule.
+        hflip: draw a horizontal flip per draw (training side).
+        device: where the batch goes.
+        trajectories: ``# [N, T + 1, C, H, W]`` (query side, trajectory-logprob), or None.
+
+    Returns:
+        ``(x0 [B, C, H, W], t [B, S], eps [B, S, C, H, W])`` plus ``flip [B, S]`` with hflip,
+        or ``trajectory [B, T + 1, C, H, W]`` with trajectories.
+    """
+    rows = torch.from_numpy(inds)
+    draws = draw_examples(
+        inds, n_samples, images.shape[1:], num_timesteps, seed=seed, stream=stream, hflip=hflip
+    )
+    x0 = images[rows].to(device)
+    batch: tuple[torch.Tensor, ...] = (x0, draws.t.to(device), draws.eps.to(device, x0.dtype))
+    if draws.flip is not None:
+        batch = (*batch, draws.flip.to(device))
+    if trajectories is not None:
+        batch = (*batch, trajectories[rows].to(device, x0.dtype))
+    return batch
 
 
 def _copy_model(model: nn.Module, device: torch.device) -> nn.Module:

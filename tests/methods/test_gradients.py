@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,9 +13,12 @@ from diffusion.measurements import per_draw
 from methods.gradients import (
     ExampleDraws,
     ParameterLayout,
+    ParameterList,
     draw_examples,
+    example_seed,
     iter_gradient_chunks,
     per_example_gradients,
+    resolve_backend,
 )
 from tests.methods.conftest import SMOKE_SCHEDULE, digits_images, smoke_model
 
@@ -76,7 +82,7 @@ def test_layout_covers_linear_and_conv_only(model64):
     assert all(not name.startswith("norm") for name in layout.param_names())
 
 
-BACKENDS = pytest.mark.parametrize("backend", ["hooks", "vmap"])
+BACKENDS = pytest.mark.parametrize("backend", ["hooks", "vmap", "loop"])
 
 
 @BACKENDS
@@ -156,7 +162,7 @@ def test_hooks_and_vmap_agree_with_frozen_parameters():
     assert all(not m._forward_hooks for m in model.modules())  # hooks removed
 
 
-def test_auto_backend_falls_back_to_vmap_for_grouped_convolutions():
+def test_auto_backend_falls_back_for_grouped_convolutions():
     class Grouped(nn.Module):
         def __init__(self):
             super().__init__()
@@ -169,9 +175,59 @@ def test_auto_backend_falls_back_to_vmap_for_grouped_convolutions():
     model = Grouped().double()
     images = digits_images(0, 2).double()
     draws = draw_examples(range(2), 2, (1, 8, 8), 50, seed=0, stream="s")
+    layout = ParameterLayout.from_model(model)
+    assert resolve_backend("auto", model, layout) == "loop"  # on CPU; vmap elsewhere
     auto = per_example_gradients(model, SMOKE_SCHEDULE, images, draws)
     reference = _loop_gradients(model, SMOKE_SCHEDULE, images, draws, "loss")
     torch.testing.assert_close(auto, reference, rtol=1e-9, atol=1e-12)
+    vmapped = per_example_gradients(model, SMOKE_SCHEDULE, images, draws, backend="vmap")
+    torch.testing.assert_close(vmapped, reference, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop", "auto"])
+def test_parameter_list_covers_every_parameter_in_named_order(model64, backend):
+    """TRAK's layout: every parameter (norm layers too), ``named_parameters`` order, flattened."""
+    layout = ParameterList.from_model(model64)
+    assert layout.n_params == sum(p.numel() for p in model64.parameters())
+    images = digits_images(0, 2).double()
+    draws = draw_examples(range(2), 3, (1, 8, 8), 50, seed=4, stream="s", hflip=True)
+    batched = per_example_gradients(
+        model64, SMOKE_SCHEDULE, images, draws, layout=layout, backend=backend
+    )
+    reference = []
+    for j in range(2):
+        model64.zero_grad()
+        for s in range(3):
+            x0 = images[j : j + 1]
+            x0 = x0.flip(-1) if bool(draws.flip[j, s]) else x0
+            t, eps = draws.t[j : j + 1, s : s + 1], draws.eps[j : j + 1, s : s + 1].double()
+            (per_draw("loss", model64, SMOKE_SCHEDULE, x0, t, eps).sum() / 3).backward()
+        reference.append(
+            torch.cat(
+                [
+                    torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.flatten()
+                    for p in model64.parameters()
+                ]
+            )
+        )
+    torch.testing.assert_close(batched, torch.stack(reference), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="hooks"):
+        per_example_gradients(
+            model64, SMOKE_SCHEDULE, images, draws, layout=layout, backend="hooks"
+        )
+
+
+def test_example_seed_is_the_hash_except_for_traks_streams():
+    """The one seed scheme; TRAK's streams keep numpy's SeedSequence derivation (scores pinned)."""
+    digest = hashlib.blake2b(b"7|train|3", digest_size=8).digest()
+    assert example_seed(7, "train", 3) == int.from_bytes(digest, "little") >> 1
+    state = np.random.SeedSequence([7, 0x54524E, 3]).generate_state(2, dtype=np.uint32)
+    assert example_seed(7, "trak-train", 3) == (int(state[0]) << 31) ^ int(state[1])
+    seeds = {
+        example_seed(7, stream, 3) for stream in ("train", "query", "trak-train", "trak-query")
+    }
+    assert len(seeds) == 4
+    assert all(0 <= seed < 2**63 for seed in seeds)
 
 
 def test_chunking_does_not_change_gradients():

@@ -293,6 +293,7 @@ def test_mc_fisher_is_unbiased_for_the_output_hessian():
         ("quantize", "int4", "quantize"),
         ("batch_size", 0, "batch_size"),
         ("sample_chunk", 0, "sample_chunk"),
+        ("backend", "jax", "backend"),
     ],
 )
 def test_config_validation(field, value, match):

@@ -2,7 +2,8 @@
 
 Reference (float64, explicit loop over examples and draws, plain autograd): the gradient g of
 each example's output function, a mean over the same Monte Carlo draws the method uses
-(``example_draws``: an input, not an output, of the method). With the identity projection,
+(``methods.gradients.draw_examples``: an input, not an output, of the method; ``grad_samples``
+draws per training example, ``query_samples`` per query). With the identity projection,
 TRAK must equal ``g_q^T (G^T G + N p lambda I)^{-1} g_j`` (module docstring of methods.trak).
 """
 
@@ -21,7 +22,8 @@ from trak import TRAKer
 from benchmarks.store import ArtifactStore
 from diffusion.schedule import NoiseSchedule
 from methods import MethodContext, create_method, get_method
-from methods.trak import QUERY_STREAM, TRAIN_STREAM, TRAK, TRAKConfig, example_draws
+from methods.gradients import draw_examples
+from methods.trak import QUERY_STREAM, TRAIN_STREAM, TRAK, TRAKConfig
 
 T = 50
 SCHEDULE = NoiseSchedule(num_timesteps=T)
@@ -53,7 +55,7 @@ def n_params(model: nn.Module) -> int:
 def make_ctx(model, n_train, n_queries, *, dtype=torch.float64, **kw) -> MethodContext:
     gen = torch.Generator().manual_seed(123)
     images = torch.rand(n_train + n_queries, 1, SIDE, SIDE, generator=gen, dtype=dtype) * 2 - 1
-    defaults = dict(measurement="loss", seed=7, grad_samples=4)
+    defaults = dict(measurement="loss", seed=7, grad_samples=4, query_samples=3)
     defaults.update(kw)
     return MethodContext(
         model=model.to(dtype),
@@ -83,13 +85,16 @@ def reference_grads(model, images, stream, function, ctx, *, hflip=False) -> tor
     model64 = copy.deepcopy(model).double()
     params = list(model64.parameters())
     rows = []
+    n_samples = ctx.query_samples if stream == QUERY_STREAM else ctx.grad_samples
     for i in range(images.shape[0]):
-        d = example_draws(ctx.seed, stream, i, ctx.grad_samples, (1, SIDE, SIDE), T, hflip=hflip)
+        d = draw_examples(
+            [i], n_samples, (1, SIDE, SIDE), T, seed=ctx.seed, stream=stream, hflip=hflip
+        )
         values = []
-        for s in range(ctx.grad_samples):
+        for s in range(n_samples):
             x0 = images[i].double()
-            x0 = x0.flip(-1) if bool(d.flip[s]) else x0
-            values.append(per_draw_value(model64, x0, d.t[s], d.eps[s].double(), function))
+            x0 = x0.flip(-1) if d.flip is not None and bool(d.flip[0, s]) else x0
+            values.append(per_draw_value(model64, x0, d.t[0, s], d.eps[0, s].double(), function))
         grads = torch.autograd.grad(torch.stack(values).mean(), params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
@@ -194,16 +199,16 @@ def test_proj_dim_above_n_params_is_capped_with_a_warning():
 # --------------------------------------------------------------------------------------------
 
 
-def test_scores_do_not_depend_on_batch_size_draw_chunks_or_grad_mode():
+def test_scores_do_not_depend_on_batch_size_sample_chunks_or_backend():
     model = TinyEps(hidden=8, seed=4)
     ctx = make_ctx(model, 9, 3, dtype=torch.float32, grad_samples=6, hflip=True)
     cfg = dict(proj_dim=64, damping=1e-4, projector="basic")
-    reference = TRAK(TRAKConfig(batch_size=9, grad_mode="loop", **cfg)).score(ctx)
+    reference = TRAK(TRAKConfig(batch_size=9, backend="loop", **cfg)).score(ctx)
     for extra in (
         {"batch_size": 1},
-        {"batch_size": 4, "draw_chunk_size": 4},
-        {"grad_mode": "vmap", "batch_size": 5},
-        {"grad_mode": "vmap", "draw_chunk_size": 5},
+        {"batch_size": 4, "sample_chunk": 4},
+        {"backend": "vmap", "batch_size": 5},
+        {"backend": "vmap", "sample_chunk": 5},
     ):
         np.testing.assert_allclose(
             TRAK(TRAKConfig(**cfg, **extra)).score(ctx), reference, rtol=1e-4, atol=1e-6
@@ -280,8 +285,10 @@ def test_config_validation():
         {"grad_samples": 0},
         {"projector": "gpu"},
         {"proj_max_batch_size": 12},
-        {"draw_chunk_size": 0},
-        {"grad_mode": "jit"},
+        {"query_samples": 0},
+        {"sample_chunk": 0},
+        {"backend": "jit"},
+        {"backend": "hooks"},  # hooks cover Linear/Conv2d layers only, TRAK every parameter
     ):
         with pytest.raises(ValueError):
             TRAKConfig(**bad)
