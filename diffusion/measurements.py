@@ -17,6 +17,9 @@ Every measurement is an expectation over a timestep ``t ~ U{0, ..., T-1}`` (0-in
     D-TRAK's output function: ``mean over pixels of eps_theta(x_t, t)^2``. The mean (not the
     sum ``||.||^2``) keeps it on the scale of ``loss``; the two differ by the constant factor D,
     which scales scores uniformly (rankings unchanged; damping values scale with it).
+``mean-output``
+    DAS's output function (Lin et al. 2025, their ``"mean"``): ``mean over pixels of
+    eps_theta(x_t, t)``.
 ``timestep-loss:<k>``
     ``loss`` at the one fixed 0-indexed timestep ``k`` (the drawn t are ignored).
 ``trajectory-logprob``
@@ -52,13 +55,16 @@ MEASUREMENTS: tuple[str, ...] = (
     "loss",
     "elbo",
     "square-norm",
+    "mean-output",
     "trajectory-logprob",
     "timestep-loss",
 )
 """Base names; ``timestep-loss`` takes a parameter: ``"timestep-loss:<t>"``, 0 <= t < T."""
 
 _PARAMETRISED = ("timestep-loss",)
-_VALID_NAMES = "loss, elbo, square-norm, trajectory-logprob, timestep-loss:<t> (0 <= t < T)"
+_VALID_NAMES = (
+    "loss, elbo, square-norm, trajectory-logprob, timestep-loss:<t> (0 <= t < T), mean-output"
+)
 
 
 def parse_measurement(name: str, num_timesteps: int | None = None) -> tuple[str, int | None]:
@@ -231,7 +237,7 @@ def per_draw(
     return per_draw_many((name,), model, schedule, x0, t, eps, trajectory=trajectory)[name]
 
 
-SHARED_FORWARD: tuple[str, ...] = ("loss", "elbo", "square-norm")
+SHARED_FORWARD: tuple[str, ...] = ("loss", "elbo", "square-norm", "mean-output")
 """Measurements that evaluate the model at the draws' own ``(t, eps)``: one forward serves all."""
 
 
@@ -300,6 +306,8 @@ def per_draw_many(
             t_flat, eps_hat = forward(torch.full_like(t, param))
         if base == "square-norm":
             values = eps_hat.square().mean(dim=pixel_dims)  # [B*S]
+        elif base == "mean-output":
+            values = eps_hat.mean(dim=pixel_dims)  # [B*S]
         elif base in ("loss", "timestep-loss"):
             values = (eps_flat - eps_hat).square().mean(dim=pixel_dims)  # [B*S]
         elif base == "elbo":

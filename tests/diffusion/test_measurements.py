@@ -26,7 +26,15 @@ from tests.diffusion.tiny_models import TinyEps
 T = 10
 SHAPE = (1, 2, 2)
 SCHEDULE = NoiseSchedule(T, 1e-3, 0.2)
-NAMES = ("loss", "elbo", "square-norm", "timestep-loss:3", "timestep-loss:0", "trajectory-logprob")
+NAMES = (
+    "loss",
+    "elbo",
+    "square-norm",
+    "mean-output",
+    "timestep-loss:3",
+    "timestep-loss:0",
+    "trajectory-logprob",
+)
 
 
 class LinearEps(nn.Module):
@@ -84,6 +92,8 @@ def _brute_value(name, model, x0_b, t_bs, eps_bs, traj_b) -> torch.Tensor:
         return T * SCHEDULE.elbo_weights[t_bs].item() * ((eps_bs - e) ** 2).sum()
     if name == "square-norm":
         return (e**2).mean()
+    if name == "mean-output":
+        return e.mean()
     raise AssertionError(name)
 
 
@@ -376,10 +386,11 @@ def test_parse_measurement() -> None:
         "loss",
         "elbo",
         "square-norm",
+        "mean-output",
         "trajectory-logprob",
         "timestep-loss",
     }
-    for base in ("loss", "elbo", "square-norm", "trajectory-logprob"):
+    for base in ("loss", "elbo", "square-norm", "mean-output", "trajectory-logprob"):
         assert parse_measurement(base) == (base, None)
     assert parse_measurement("timestep-loss:0", 10) == ("timestep-loss", 0)
     assert parse_measurement("timestep-loss:999", 1000) == ("timestep-loss", 999)
@@ -424,7 +435,7 @@ def test_many_measurements_equal_each_measurement_bitwise_with_shared_forwards()
     x0, draws = _x0(3), _draws(3, 7)
     traj = _trajectory(model.inner, 3)
     many = per_draw_many(NAMES, model, SCHEDULE, x0, draws.t, draws.eps, trajectory=traj)
-    # loss + elbo + square-norm: 1; timestep-loss:3 and :0: 1 each; trajectory-logprob: 1
+    # loss + elbo + square-norm + mean-output: 1; timestep-loss:3 and :0: 1 each; trajectory-logprob: 1
     assert model.calls == 4
     for name in NAMES:
         alone = per_draw(name, model, SCHEDULE, x0, draws.t, draws.eps, trajectory=traj)
