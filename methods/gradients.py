@@ -382,11 +382,15 @@ def per_example_gradients(
     trajectories: torch.Tensor | None = None,
     sample_chunk: int | None = None,
     backend: str = "auto",
+    normalize_draws: bool = False,
 ) -> torch.Tensor:
     """Per-example gradients of the Monte Carlo output function.
 
     ``out[j] = grad_theta (1/S) sum_s per_draw(measurement, x_j (flipped if flip[j, s]),
-    t[j, s], eps[j, s])`` over the layout's parameters, in the model's dtype and device.
+    t[j, s], eps[j, s])`` over the layout's parameters, in the model's dtype and device. With
+    ``normalize_draws`` each draw's gradient ``g_s`` is replaced by ``g_s / (||g_s|| + 1e-8)``
+    before the mean (DAS, Lin et al. 2025: unit-norm per-timestep gradients, their
+    ``03_grad.py``); the draws are then differentiated one at a time.
 
     Args:
         model: eps-prediction network ``model(x_t [N, C, H, W], t [N]) -> [N, C, H, W]``, in
@@ -401,6 +405,7 @@ def per_example_gradients(
         sample_chunk: draws per forward pass (bounds memory); None = all S at once.
         backend: ``"hooks"``, ``"vmap"``, ``"loop"`` or ``"auto"`` (module docstring). Same
             values up to floating-point rounding (speed: perf/README.md).
+        normalize_draws: normalise each draw's gradient to unit L2 norm before the mean.
 
     Returns:
         ``# [B, n_params]`` per-example gradients in ``layout``.
@@ -424,10 +429,13 @@ def per_example_gradients(
         raise ValueError(f"sample_chunk must be >= 1 or None, got {sample_chunk}")
     compute = _BACKEND_FUNCTIONS[resolve_backend(backend, model, layout)]
     step = n_samples if sample_chunk is None else min(sample_chunk, n_samples)
+    step = 1 if normalize_draws else step
     total: torch.Tensor | None = None
     for s0 in range(0, n_samples, step):
         part = draws.samples(s0, min(s0 + step, n_samples))
         flat = compute(model, schedule, images, part, measurement, layout, trajectories)
+        if normalize_draws:
+            flat = flat / (flat.norm(dim=1, keepdim=True) + 1e-8)
         flat = flat * (part.n_samples / n_samples)  # [B, n_params]
         total = flat if total is None else total + flat
     if total is None:  # pragma: no cover - n_samples >= 1

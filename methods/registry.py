@@ -159,6 +159,13 @@ _BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC
         display_name="D-TRAK",
     ),
     MethodEntry(
+        "das",
+        "methods.das:DAS",
+        {},
+        "DAS: TRAK on the mean model output, scores weighted by normalised training error",
+        display_name="DAS",
+    ),
+    MethodEntry(
         "grad-dot",
         "methods.kfac:KFACInfluence",
         {"curvature": "identity"},

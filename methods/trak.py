@@ -104,9 +104,10 @@ __all__ = [
     "DiffusionModelOutput",
 ]
 
-OUTPUT_FUNCTIONS: tuple[str, ...] = ("loss", "square-norm")
+OUTPUT_FUNCTIONS: tuple[str, ...] = ("loss", "square-norm", "mean-output")
 """``loss``: TRAK (training loss; queries use ``ctx.measurement``). ``square-norm``: D-TRAK
-(``mean ||eps_theta(x_t, t)||^2`` for both the training side and the queries)."""
+(``mean ||eps_theta(x_t, t)||^2`` for both the training side and the queries).
+``mean-output``: DAS (the mean of ``eps_theta(x_t, t)`` on both sides; ``methods.das``)."""
 
 PROJECTORS: tuple[str, ...] = ("auto", "basic", "cuda", "identity")
 BACKENDS: tuple[str, ...] = ("auto", "loop", "vmap")
@@ -138,7 +139,8 @@ class TRAKConfig:
 
     Attributes:
         output_function: ``"loss"`` (TRAK: gradients of the training loss; queries use
-            ``ctx.measurement``) or ``"square-norm"`` (D-TRAK: ``mean ||eps_theta(x_t)||^2``
+            ``ctx.measurement``), ``"mean-output"`` (DAS: the mean of ``eps_theta(x_t)``, both
+            sides) or ``"square-norm"`` (D-TRAK: ``mean ||eps_theta(x_t)||^2``
             replaces both the training loss and the measurement).
         proj_dim: k, dimension of the random projection (paper: 32768). Capped, with a
             warning, at the number of parameters p (a projection to k >= p dimensions
@@ -277,13 +279,12 @@ class _PerExampleGradientComputer(FunctionalGradientComputer):
 
     traker constructs it and calls ``compute_per_sample_grad(batch)`` with the batches that
     :meth:`TRAK.score` passes to ``featurize``/``score``; the output function is the task's
-    (:class:`DiffusionModelOutput`). ``schedule``, ``sample_chunk`` and ``backend`` are set
-    after construction.
+    (:class:`DiffusionModelOutput`). ``schedule`` and ``options`` are set after construction.
     """
 
     schedule: NoiseSchedule
-    sample_chunk: int | None = None
-    backend: str = "auto"
+    options: Mapping[str, Any] = {}
+    """Keyword options of :func:`~methods.gradients.per_example_gradients` (``TRAK._engine_options``)."""
 
     def compute_per_sample_grad(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``# [B, n_params]`` gradients of each example's output, every parameter of the model.
@@ -307,8 +308,7 @@ class _PerExampleGradientComputer(FunctionalGradientComputer):
             measurement=task.function,
             layout=ParameterList.from_model(model),
             trajectories=extra if task.layout == "query" else None,
-            sample_chunk=self.sample_chunk,
-            backend=self.backend,
+            **self.options,
         )
 
 
@@ -455,10 +455,15 @@ class TRAK(AttributionMethod):
 
     def _functions(self, ctx: MethodContext) -> tuple[str, str]:
         """(training-side output function, query-side measurement)."""
-        if self.config.output_function == "square-norm":
-            return "square-norm", "square-norm"
+        if self.config.output_function != "loss":
+            function = self.config.output_function
+            return function, function
         parse_measurement(ctx.measurement, ctx.schedule.num_timesteps)
         return "loss", ctx.measurement
+
+    def _engine_options(self) -> dict[str, Any]:
+        """Options of :func:`methods.gradients.per_example_gradients` from the config."""
+        return {"sample_chunk": self.config.sample_chunk, "backend": self.config.backend}
 
     def _projector(self, n_params: int, device: torch.device, seed: int):
         """(projector or None to let traker pick fast_jl, proj_dim)."""
@@ -513,7 +518,7 @@ class TRAK(AttributionMethod):
         """
         cfg = self.config
         return {
-            "method": "trak",
+            "method": type(self).__name__.lower(),
             "traker": TRAK_VERSION,
             "config": {
                 k: v
@@ -526,6 +531,7 @@ class TRAK(AttributionMethod):
                     "sample_chunk",
                     "backend",
                     "query_samples",
+                    "error_weighting",
                 )
             },
             "proj_dim": proj_dim,
@@ -595,8 +601,7 @@ class TRAK(AttributionMethod):
             )
             computer = traker.gradient_computer
             computer.schedule = ctx.schedule
-            computer.sample_chunk = cfg.sample_chunk
-            computer.backend = cfg.backend
+            computer.options = self._engine_options()
 
             traker.load_checkpoint(state, model_id=_MODEL_ID)
             self._featurize(traker, ctx, batch_size, device)

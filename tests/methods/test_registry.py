@@ -36,6 +36,7 @@ def test_builtin_names_are_listed():
         "kfac-empirical",
         "trak",
         "dtrak",
+        "das",
         "clip",
         "retrain",
         "random",
