@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.bundle import import_for_run
 from benchmarks.cli import (
     RunOptions,
     UsageError,
@@ -51,6 +52,7 @@ from benchmarks.results import (
     RunRecord,
     format_table,
     per_query_frame,
+    ranking_note,
     result_row,
     save_influence_examples,
     save_model_correlation,
@@ -87,6 +89,11 @@ class LDSConfig(RunOptions):
         compression_ablation: also evaluate methods with a ``quantize`` option with float32,
             int16 and int8 query gradients (Figure 6; rows carry a ``bits`` column).
         options: further method options (``FIELD -> value``), applied where a method has them.
+        ground_truth_bundle: a ground-truth bundle folder to import before the run
+            (``benchmarks.bundle``), or None: the shipped bundle of the preset when there is one
+            for this setting.
+        recompute_ground_truth: never import the shipped bundle: use and complete the store's
+            own ground truth (a fresh ``--cache-dir`` recomputes it all).
         (and the fields of ``benchmarks.cli.RunOptions``: out, cache_dir, device, ...)
     """
 
@@ -99,8 +106,12 @@ class LDSConfig(RunOptions):
     sweep: tuple[float, ...] = DEFAULT_SWEEP
     compression_ablation: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    ground_truth_bundle: str | None = None
+    recompute_ground_truth: bool = False
 
     def __post_init__(self) -> None:
+        if self.ground_truth_bundle and self.recompute_ground_truth:
+            raise UsageError("give --ground-truth-bundle or --recompute-ground-truth, not both")
         if not self.methods:
             raise UsageError("give at least one --method")
         if len(set(self.methods)) != len(self.methods):
@@ -141,12 +152,14 @@ class PreparedRun:
         experiment: the inputs every method sees (store, base model, data, queries, device).
         truth: the ground truth: subset masks and the retrained models' measurements.
         stages: timings of the run's stages so far (the run record's ``stages``).
+        ground_truth_source: where the ground truth came from (``bundle.import_for_run``).
     """
 
     setting: Setting
     experiment: Experiment
     truth: GroundTruth
     stages: StageLog
+    ground_truth_source: str = ""
 
 
 @dataclass
@@ -209,7 +222,7 @@ def run(config: LDSConfig) -> LDSResult:
     summary = pd.DataFrame(cells.rows)
     per_query = pd.concat(cells.per_query, ignore_index=True) if cells.per_query else pd.DataFrame()
     files = write_run(config, prepared, cells, (summary, per_query, paired), run_name)
-    _print_report(summary, paired, config.methods[0], files["summary"])
+    _print_report(summary, paired, config.methods[0], files["summary"], table_notes(prepared))
     return LDSResult(summary, per_query, paired, files)
 
 
@@ -243,7 +256,9 @@ def _ground_truth(
 def prepare(config: LDSConfig) -> PreparedRun:
     """Validate the input, then get (train or load) the data, base model, queries, ground truth.
 
-    Each of the four is a timed stage.
+    Each of the four is a timed stage. A ground-truth bundle is imported first (the one given,
+    else the preset's shipped one: ``benchmarks.bundle.import_for_run``), so that nothing it
+    holds is trained.
     """
     setting, device = prepare_run(
         config.preset,
@@ -254,6 +269,13 @@ def prepare(config: LDSConfig) -> PreparedRun:
         config.threads,
         config.options,
     )
+    source = import_for_run(
+        setting,
+        ArtifactStore(Path(config.cache_dir)),
+        config.targets,
+        bundle=config.ground_truth_bundle,
+        recompute=config.recompute_ground_truth,
+    )
     experiment, stages = prepare_experiment(
         setting, device, config, with_trajectories=needs_trajectories(_measurement_names(config))
     )
@@ -261,7 +283,7 @@ def prepare(config: LDSConfig) -> PreparedRun:
         truth = _ground_truth(
             config, setting, experiment.store, len(experiment.train_images), device
         )
-    return PreparedRun(setting, experiment, truth, stages)
+    return PreparedRun(setting, experiment, truth, stages, source)
 
 
 # ---------------------------------------------------------------- stage 2: evaluate cells
@@ -576,7 +598,12 @@ def write_run(
     out_dir = Path(config.out) / "lds" / prepared.setting.name
     summary, per_query, paired = tables
     figures = _write_figure_inputs(out_dir, run_name, prepared, cells, config.data_dir)
-    record = RunRecord(config, setting=prepared.setting.to_dict(), stages=prepared.stages)
+    record = RunRecord(
+        config,
+        setting=prepared.setting.to_dict(),
+        stages=prepared.stages,
+        result={"ground_truth": prepared.ground_truth_source, "notes": table_notes(prepared)},
+    )
     written = write_results(
         out_dir,
         summary,
@@ -589,9 +616,25 @@ def write_run(
     return {**figures, **written}
 
 
+def table_notes(prepared: PreparedRun) -> list[str]:
+    """The lines above every table of a run: what cannot be read from it, and its ground truth.
+
+    Returns:
+        ``benchmarks.results.ranking_note`` of the preset (smoke) if any, then
+        ``ground truth: <source>``.
+    """
+    note = ranking_note(prepared.setting.name)
+    return [*([note] if note else []), f"ground truth: {prepared.ground_truth_source}"]
+
+
 def _print_report(
-    summary: pd.DataFrame, paired: pd.DataFrame, reference: str, summary_path: Path
+    summary: pd.DataFrame,
+    paired: pd.DataFrame,
+    reference: str,
+    summary_path: Path,
+    notes: list[str],
 ) -> None:
+    print("\n".join(notes))
     print(format_table(summary))
     if not paired.empty:
         print("\nPaired differences of per-query LDS to", reference)
@@ -660,6 +703,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run methods with a quantize option at 32/16/8 bits (Figure 6)",
     )
+    truth = parser.add_mutually_exclusive_group()
+    truth.add_argument(
+        "--ground-truth-bundle",
+        metavar="DIR",
+        default=None,
+        help="import this ground-truth bundle folder before the run (default: the preset's "
+        "shipped bundle, results/groundtruth/<preset>, when there is one for this setting)",
+    )
+    truth.add_argument(
+        "--recompute-ground-truth",
+        action="store_true",
+        help="do not import the shipped bundle: compute (or resume) the ground truth in "
+        "--cache-dir",
+    )
     add_run_arguments(parser)
     return parser
 
@@ -675,6 +732,8 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         damping_sweep=args.damping_sweep,
         compression_ablation=args.compression_ablation,
         options=parse_key_values(args.option, "--option"),
+        ground_truth_bundle=args.ground_truth_bundle,
+        recompute_ground_truth=args.recompute_ground_truth,
         **run_option_values(args),
     )
 
