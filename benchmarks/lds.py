@@ -135,12 +135,14 @@ class LDSResult:
         per_query: per-query LDS (long table).
         paired: paired differences to the first method, per target.
         files: written paths (tables, the run record, figure inputs).
+        notes: the lines above every table of the run (:func:`table_notes`).
     """
 
     summary: pd.DataFrame
     per_query: pd.DataFrame
     paired: pd.DataFrame
     files: dict[str, Path]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ def run(config: LDSConfig) -> LDSResult:
     per_query = pd.concat(cells.per_query, ignore_index=True) if cells.per_query else pd.DataFrame()
     files = write_run(config, prepared, cells, (summary, per_query, paired), run_name)
     _print_report(summary, paired, config.methods[0], files["summary"], table_notes(prepared))
-    return LDSResult(summary, per_query, paired, files)
+    return LDSResult(summary, per_query, paired, files, tuple(table_notes(prepared)))
 
 
 # ---------------------------------------------------------------- stage 1: prepare

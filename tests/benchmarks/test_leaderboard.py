@@ -81,3 +81,11 @@ def test_main_writes_the_table_and_the_figure(tiny_cache, tmp_path):
     assert any("`random`" in n for n in names) and any("`pixel`" in n for n in names)
     assert "noise ceiling" in names  # tiny has two seeds per subset
     assert (out / "leaderboard.png").stat().st_size > 0
+    assert (out / "leaderboard.elbo.png").stat().st_size > 0  # loss and ELBO by default
+    header = markdown.split("## Target")[0]
+    assert "preset smoke is a plumbing check" in header and "cannot rank methods" in header
+    assert "ground truth: computed (or resumed) in the artifact store" in header
+    assert [line for line in markdown.splitlines() if line.startswith("## ")] == [
+        "## Target: diffusion loss",
+        "## Target: ELBO",
+    ]
