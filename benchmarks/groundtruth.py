@@ -635,6 +635,11 @@ def load_ground_truth_values(
 ) -> dict[str, np.ndarray]:
     """The stored measurements of :func:`ground_truth_measurement_specs`, as arrays.
 
+    Args:
+        store: the artifact store holding them.
+        setting: the benchmark setting (M subsets, K seeds).
+        specs: ``(m, k, target) -> measurement spec`` (:func:`ground_truth_measurement_specs`).
+
     Returns:
         target -> ``# [n_seeds, n_subsets, n_queries]``.
     """
