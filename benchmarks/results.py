@@ -683,6 +683,23 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+PLUMBING_PRESETS: dict[str, str] = {
+    "smoke": "4 queries, 6 subsets, 1 seed",
+}
+"""Presets too small to rank methods (plumbing checks) -> why, for :func:`ranking_note`."""
+
+
+def ranking_note(preset: str) -> str | None:
+    """The header line of every table made from a plumbing preset (smoke), else None."""
+    why = PLUMBING_PRESETS.get(preset)
+    if why is None:
+        return None
+    return (
+        f"preset {preset} is a plumbing check ({why}): its LDS cannot rank methods; "
+        "use the quick preset (or larger) to compare them"
+    )
+
+
 def format_table(summary_df: pd.DataFrame) -> str:
     """A plain-text table of a summary for the terminal, one line per row, in input order.
 

@@ -62,6 +62,19 @@ _IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
 _DATA = ("dataset", "n_train")
 _BASE_MODEL = (*_DATA, "unet", "train", "schedule", "seed")
 _QUERIES = (*_BASE_MODEL, "n_queries")
+_SUBSET_MODEL = (*_DATA, "unet", "subset_train", "schedule", "subset_fraction", "seed")
+_SUBSET_PREDICTIONS = tuple(
+    dict.fromkeys(
+        (
+            *_QUERIES,
+            *_SUBSET_MODEL,
+            "gt_mc_samples",
+            "grad_mc_samples",
+            "kfac_mc_samples",
+            "query_grad_mc_samples",
+        )
+    )
+)
 
 FINGERPRINT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
@@ -76,21 +89,28 @@ FINGERPRINT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         # A model of the ground truth or of the exact-retraining oracle, trained on a subset
         # with the subset recipe (``groundtruth.model_spec``); the caller adds the positions and
         # the training seed. Not M or K: subset m and seed k are the same whatever M and K are.
-        "subset_model": (*_DATA, "unet", "subset_train", "schedule", "subset_fraction", "seed"),
+        "subset_model": _SUBSET_MODEL,
         # A model retrained without some examples like the base model (retraining benchmark,
         # ``groundtruth.model_spec``); the caller adds the kept positions and the seed.
         "retrain_model": _BASE_MODEL,
         # A measurement of a model on the queries (``groundtruth.measurement_spec``): the
         # queries and the protocol's sample count; the caller adds the model's key and target.
         "measurement": (*_QUERIES, "gt_mc_samples"),
+        # The per-subset predictions of a subset-prediction method in an LDS run (the
+        # exact-retraining oracle: ``runner.subset_predictions_spec``): its models are subset
+        # models, it measures the queries, and it may use every sample count of its
+        # ``MethodContext``; the caller adds the method, its config, the target and the masks.
+        "subset_predictions": _SUBSET_PREDICTIONS,
+        # A whole ground truth, as a bundle holds it (``bundle.bundle_fingerprint``): the base
+        # model, the queries, M x K measured subset models and the oracle's predictions.
+        "ground_truth": (*_SUBSET_PREDICTIONS, "n_subsets", "n_seeds"),
     }
 )
 """Artifact part -> the Setting fields its artifacts depend on (see :meth:`Setting.fingerprint`).
 
-Fields in no part never enter a key as Setting fields: ``n_subsets``, ``n_seeds``,
-``n_retrain_queries`` and ``retrain_fractions`` choose which artifacts a run uses; the method
-sample counts and ``method_options`` reach the methods' keys as their resolved values (the
-``MethodContext`` sample counts and the method configs); ``name`` is a label.
+``n_subsets`` and ``n_seeds`` enter only the whole ground truth's fingerprint (a bundle); outside
+the parts: ``n_retrain_queries`` and ``retrain_fractions`` choose which artifacts a run uses;
+``method_options`` reach the methods' keys as their resolved configs; ``name`` is a label.
 """
 
 _NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
