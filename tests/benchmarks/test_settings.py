@@ -26,7 +26,7 @@ def test_presets_validate_and_round_trip_through_json(name):
 
 
 def test_preset_names():
-    assert list(PRESETS) == ["smoke", "quick", "cifar2", "cifar10"]
+    assert list(PRESETS) == ["smoke", "quick", "translate", "cifar2", "cifar10"]
     with pytest.raises(TypeError):
         PRESETS["mine"] = get_preset("quick")  # read-only
 
