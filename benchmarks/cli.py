@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.errors import UsageError
-from benchmarks.executors import TaskFailedError
+from benchmarks.executors import EXECUTOR_NAMES, TaskFailedError
 from benchmarks.store import CacheMismatchError, CorruptArtifactError
 from datasets import DatasetUnavailableError
 from methods import UnknownMethodError
@@ -97,8 +97,9 @@ class RunOptions:
         cache_dir: artifact store directory.
         data_dir: where CIFAR-10 lives (``cifar-10-batches-py``), if not downloadable.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
-        executor: ``local``, ``pool`` or ``ray`` for the retraining tasks.
-        workers: processes of the pool / CPUs of a local Ray cluster.
+        executor: ``auto`` (a process pool over every core when the machine has several, else
+            in-process), ``local``, ``pool`` or ``ray`` for the retraining tasks.
+        workers: processes of the pool / CPUs of a local Ray cluster; None = every core.
         ray_address: address of an existing Ray cluster.
         overrides: setting overrides (``n_subsets=64``), applied to the preset.
         threads: torch intra-op threads in this process (None: 1 for the digits presets, whose
@@ -110,8 +111,8 @@ class RunOptions:
     cache_dir: str = DEFAULT_CACHE_DIR
     data_dir: str | None = None
     device: str = "auto"
-    executor: str = "local"
-    workers: int = 2
+    executor: str = "auto"
+    workers: int | None = None
     ray_address: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
@@ -120,7 +121,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be >= 1, got {self.workers}")
 
 
@@ -144,11 +145,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     parser.add_argument(
         "--executor",
-        default="local",
-        choices=["local", "pool", "ray"],
-        help="where retraining tasks run",
+        default="auto",
+        choices=list(EXECUTOR_NAMES),
+        help="where retraining tasks run (auto: a process pool over every core when the "
+        "machine has several, else in-process)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="pool / local Ray workers")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="pool / local Ray workers (default: every core)"
+    )
     parser.add_argument("--ray-address", default=None, help="existing Ray cluster address")
     parser.add_argument(
         "--threads",

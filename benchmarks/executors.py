@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import multiprocessing
+import os
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-EXECUTOR_NAMES = ("local", "pool", "ray")
+EXECUTOR_NAMES = ("auto", "local", "pool", "ray")
+
+
+def machine_cores() -> int:
+    """The CPU cores this process may use (its affinity where the OS tells it, else all)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -262,19 +271,67 @@ class RayExecutor:
                 ray.shutdown()
 
 
+@dataclass
+class AutoExecutor:
+    """Every core of this machine: a process pool when it has more than one, else in-process.
+
+    Each ``map`` picks its executor for its tasks: a :class:`PoolExecutor` with
+    ``min(workers, len(tasks))`` workers when that is more than one, else a
+    :class:`LocalExecutor` (so a single task, or none, never pays for starting processes). The
+    pool's results are bitwise those of in-process runs (one torch thread per worker; tested in
+    ``tests/benchmarks/test_groundtruth.py``).
+
+    Attributes:
+        workers: the most worker processes; None = :func:`machine_cores`.
+        max_retries: extra attempts for a task that raises.
+        progress: show a progress bar.
+    """
+
+    workers: int | None = None
+    max_retries: int = 1
+    progress: bool = True
+
+    def choose(self, n_tasks: int) -> LocalExecutor | PoolExecutor:
+        """The executor ``map`` uses for ``n_tasks`` tasks."""
+        workers = min(self.workers or machine_cores(), n_tasks)
+        if workers > 1:
+            return PoolExecutor(
+                workers=workers, max_retries=self.max_retries, progress=self.progress
+            )
+        return LocalExecutor(max_retries=self.max_retries, progress=self.progress)
+
+    def map(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], keys: Sequence[str], desc: str = ""
+    ) -> list[TaskOutcome]:
+        """Apply ``fn`` to each task with :meth:`choose`'s executor.
+
+        Args:
+            fn: a top-level (picklable) function applied to each task.
+            tasks: the small picklable arguments, one per task.
+            keys: the artifact key of each task, same length as ``tasks`` (names it in reports).
+            desc: label of the progress bar.
+
+        Returns:
+            One outcome per task, in the order of ``tasks``.
+        """
+        return self.choose(len(tasks)).map(fn, tasks, keys, desc)
+
+
 def make_executor(
     name: str,
     *,
-    workers: int = 2,
+    workers: int | None = None,
     ray_address: str | None = None,
     max_retries: int = 1,
     progress: bool = True,
-) -> LocalExecutor | PoolExecutor | RayExecutor:
+) -> AutoExecutor | LocalExecutor | PoolExecutor | RayExecutor:
     """The executor called ``name`` (one of EXECUTOR_NAMES).
 
     Args:
-        name: ``"local"``, ``"pool"`` or ``"ray"``.
-        workers: worker processes of the pool; CPUs of a locally started Ray cluster.
+        name: ``"auto"`` (a pool over every core when there are several, else in-process),
+            ``"local"``, ``"pool"`` or ``"ray"``.
+        workers: worker processes of the pool; CPUs of a locally started Ray cluster; None =
+            every core of this machine (:func:`machine_cores`).
         ray_address: address of a running Ray cluster, or None to start a local one.
         max_retries: extra attempts for a task that raises.
         progress: show a progress bar.
@@ -282,8 +339,11 @@ def make_executor(
     Returns:
         The configured executor.
     """
+    if name == "auto":
+        return AutoExecutor(workers=workers, max_retries=max_retries, progress=progress)
     if name == "local":
         return LocalExecutor(max_retries=max_retries, progress=progress)
+    workers = workers or machine_cores()
     if name == "pool":
         return PoolExecutor(workers=workers, max_retries=max_retries, progress=progress)
     if name == "ray":

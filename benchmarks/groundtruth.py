@@ -33,6 +33,7 @@ fingerprint, the positions and the seed), a measurement's :func:`measurement_spe
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -487,8 +488,7 @@ def run_ensemble_task(task: EnsembleTask) -> tuple[dict[str, np.ndarray], ...]:
     positions = [np.flatnonzero(masks[m]) for m, _ in task.members]
     seeds = [ground_truth_seed(setting, m, k) for m, k in task.members]
     keys = [
-        store.key("model", model_spec(setting, "subset_model", p, s, trainer="ensemble"))
-        for p, s in zip(positions, seeds, strict=True)
+        ground_truth_model_key(store, setting, masks, m, k, "ensemble") for m, k in task.members
     ]
     missing = [_missing_targets(store, setting, key, task.targets) for key in keys]
     todo = [i for i, targets in enumerate(missing) if targets]
@@ -594,6 +594,91 @@ def ensemble_tasks(
     ]
 
 
+def ground_truth_model_key(
+    store: ArtifactStore,
+    setting: Setting,
+    masks: np.ndarray,
+    subset: int,
+    seed_index: int,
+    trainer: str,
+) -> str:
+    """The store key of ground-truth model (subset m, seed index k) trained by ``trainer``.
+
+    Args:
+        store: the artifact store (its key function).
+        setting: the benchmark setting.
+        masks: ``# [n_subsets, n_train]`` the subsets (:func:`subset_masks`).
+        subset: subset index m in [0, M).
+        seed_index: seed index k in [0, K).
+        trainer: one of :data:`TRAINERS` (:func:`ground_truth_trainer`).
+
+    Returns:
+        ``store.key("model", model_spec(...))``.
+    """
+    positions = np.flatnonzero(masks[subset])
+    seed = ground_truth_seed(setting, subset, seed_index)
+    spec = model_spec(setting, "subset_model", positions, seed, trainer=trainer)
+    return store.key("model", spec)
+
+
+def ground_truth_measurement_specs(
+    store: ArtifactStore,
+    setting: Setting,
+    masks: np.ndarray,
+    targets: Sequence[str],
+    trainer: str,
+) -> dict[tuple[int, int, str], dict]:
+    """The measurement spec of every (subset, seed, target) of the ground truth.
+
+    Args:
+        store: the artifact store (its key function).
+        setting: the benchmark setting (M subsets, K seeds).
+        masks: ``# [n_subsets, n_train]`` the subsets (:func:`subset_masks`).
+        targets: measurement names.
+        trainer: one of :data:`TRAINERS` (:func:`ground_truth_trainer`).
+
+    Returns:
+        ``(m, k, target) -> measurement_spec(...)``, seed-major.
+    """
+    specs = {}
+    for k in range(setting.n_seeds):
+        for m in range(setting.n_subsets):
+            key = ground_truth_model_key(store, setting, masks, m, k, trainer)
+            for target in targets:
+                specs[(m, k, target)] = measurement_spec(key, setting, target)
+    return specs
+
+
+def load_ground_truth_values(
+    store: ArtifactStore, setting: Setting, specs: dict[tuple[int, int, str], dict]
+) -> dict[str, np.ndarray]:
+    """The stored measurements of :func:`ground_truth_measurement_specs`, as arrays.
+
+    Args:
+        store: the artifact store holding them.
+        setting: the benchmark setting (M subsets, K seeds).
+        specs: ``(m, k, target) -> measurement spec`` (:func:`ground_truth_measurement_specs`).
+
+    Returns:
+        target -> ``# [n_seeds, n_subsets, n_queries]``.
+    """
+    targets = dict.fromkeys(t for _, _, t in specs)
+    return {
+        target: np.stack(
+            [
+                np.stack(
+                    [
+                        store.load_arrays("measurement", specs[(m, k, target)])["values"]
+                        for m in range(setting.n_subsets)
+                    ]
+                )
+                for k in range(setting.n_seeds)
+            ]
+        )
+        for target in targets
+    }
+
+
 def compute_ground_truth(
     setting: Setting,
     store: ArtifactStore,
@@ -605,11 +690,13 @@ def compute_ground_truth(
     device: str = "cpu",
     ensemble_size: int | None = DEFAULT_ENSEMBLE_SIZE,
 ) -> GroundTruth:
-    """Run (or resume) every ground-truth task and assemble the arrays.
+    """Run (or resume) the ground-truth tasks with missing measurements; assemble the arrays.
 
     Requires the queries to be stored already (``pipeline.get_queries``; with their
     trajectories for a ``trajectory-logprob`` target), checked before any training. Ensemble- and
-    single-trained models have different keys.
+    single-trained models have different keys. Only the tasks with a missing measurement go to
+    the executor (none when the measurements are stored, e.g. imported from a bundle:
+    ``benchmarks.bundle``); every value is then read from the store.
 
     Args:
         setting: the benchmark setting (M subsets, K seeds, measurement protocol).
@@ -632,8 +719,11 @@ def compute_ground_truth(
     """
     check_trajectories_stored(store, setting, targets)
     executor = executor or LocalExecutor()
-    by_pair: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-    if ground_truth_trainer(setting, ensemble_size) == "ensemble":
+    trainer = ground_truth_trainer(setting, ensemble_size)
+    masks = subset_masks(n_train, setting)
+    specs = ground_truth_measurement_specs(store, setting, masks, targets, trainer)
+    missing = {(m, k) for (m, k, _), spec in specs.items() if not store.exists("measurement", spec)}
+    if trainer == "ensemble":
         groups = ensemble_tasks(
             setting,
             store,
@@ -642,26 +732,28 @@ def compute_ground_truth(
             data_dir=data_dir,
             device=device,
         )
+        groups = [g for g in groups if missing.intersection(g.members)]
         outcomes = executor.map(
             run_ensemble_task, groups, [g.key for g in groups], desc="ground truth (ensembles)"
         )
-        raise_failures(outcomes)
-        for group, outcome in zip(groups, outcomes, strict=True):
-            by_pair.update(zip(group.members, outcome.value, strict=True))
     else:
         tasks = ground_truth_tasks(setting, store, targets, data_dir=data_dir, device=device)
+        tasks = [t for t in tasks if (t.subset, t.seed_index) in missing]
         keys = [f"subset={t.subset},seed={t.seed_index}" for t in tasks]
         outcomes = executor.map(run_ground_truth_task, tasks, keys, desc="ground truth (models)")
-        raise_failures(outcomes)
-        for task, outcome in zip(tasks, outcomes, strict=True):
-            by_pair[(task.subset, task.seed_index)] = outcome.value
-    values = {
-        target: np.stack(
-            [
-                np.stack([by_pair[(m, k)][target] for m in range(setting.n_subsets)])
-                for k in range(setting.n_seeds)
-            ]
-        )
-        for target in targets
-    }
-    return GroundTruth(subset_masks(n_train, setting), values)
+    raise_failures(outcomes)
+    return GroundTruth(masks, load_ground_truth_values(store, setting, specs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.groundtruth``: compute, export or import a ground truth.
+
+    The command lives in :func:`benchmarks.bundle.main` (which imports this module).
+    """
+    from benchmarks.bundle import main as bundle_main  # deferred: benchmarks.bundle imports this
+
+    return bundle_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

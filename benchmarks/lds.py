@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.bundle import import_for_run
 from benchmarks.cli import (
     RunOptions,
     UsageError,
@@ -59,6 +60,7 @@ from benchmarks.results import (
     RunRecord,
     format_table,
     per_query_frame,
+    ranking_note,
     result_row,
     save_influence_examples,
     save_model_correlation,
@@ -99,6 +101,11 @@ class LDSConfig(RunOptions):
         compression_ablation: also evaluate methods with a ``quantize`` option with float32,
             int16 and int8 query gradients (Figure 6; rows carry a ``bits`` column).
         options: further method options (``FIELD -> value``), applied where a method has them.
+        ground_truth_bundle: a ground-truth bundle folder to import before the run
+            (``benchmarks.bundle``), or None: the shipped bundle of the preset when there is one
+            for this setting.
+        recompute_ground_truth: never import the shipped bundle: use and complete the store's
+            own ground truth (a fresh ``--cache-dir`` recomputes it all).
         (and the fields of ``benchmarks.cli.RunOptions``: out, cache_dir, device, ...)
     """
 
@@ -111,8 +118,12 @@ class LDSConfig(RunOptions):
     sweep: tuple[float, ...] = DEFAULT_SWEEP
     compression_ablation: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    ground_truth_bundle: str | None = None
+    recompute_ground_truth: bool = False
 
     def __post_init__(self) -> None:
+        if self.ground_truth_bundle and self.recompute_ground_truth:
+            raise UsageError("give --ground-truth-bundle or --recompute-ground-truth, not both")
         if not self.methods:
             raise UsageError("give at least one --method")
         if len(set(self.methods)) != len(self.methods):
@@ -138,6 +149,7 @@ class LDSResult:
             per target (column ``reference``).
         files: written paths (tables, the run record, figure inputs).
         regime: the queries' regime diagnostic (``benchmarks.regime``).
+        notes: the lines above every table of the run (:func:`table_notes`).
     """
 
     summary: pd.DataFrame
@@ -145,6 +157,7 @@ class LDSResult:
     paired: pd.DataFrame
     files: dict[str, Path]
     regime: RegimeDiagnostic | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,7 @@ class PreparedRun:
         truth: the ground truth: subset masks and the retrained models' measurements.
         stages: timings of the run's stages so far (the run record's ``stages``).
         regime: the queries' regime diagnostic (``benchmarks.regime``), None if not measured.
+        ground_truth_source: where the ground truth came from (``bundle.import_for_run``).
     """
 
     setting: Setting
@@ -164,6 +178,7 @@ class PreparedRun:
     truth: GroundTruth
     stages: StageLog
     regime: RegimeDiagnostic | None = None
+    ground_truth_source: str = ""
 
 
 @dataclass
@@ -229,8 +244,9 @@ def run(config: LDSConfig) -> LDSResult:
     summary = pd.DataFrame(cells.rows)
     per_query = pd.concat(cells.per_query, ignore_index=True) if cells.per_query else pd.DataFrame()
     files = write_run(config, prepared, cells, (summary, per_query, paired), run_name)
-    _print_report(summary, paired, cells, prepared.regime, files["summary"])
-    return LDSResult(summary, per_query, paired, files, prepared.regime)
+    notes = table_notes(prepared)
+    _print_report(summary, paired, cells, prepared.regime, files["summary"], notes)
+    return LDSResult(summary, per_query, paired, files, prepared.regime, tuple(notes))
 
 
 def _all_pairs(to_first: pd.DataFrame, cells: Cells) -> pd.DataFrame:
@@ -273,7 +289,9 @@ def _ground_truth(
 def prepare(config: LDSConfig) -> PreparedRun:
     """Validate the input, then get (train or load) the data, base model, queries, ground truth.
 
-    Each of the four is a timed stage, and so is the queries' regime diagnostic.
+    Each of the four is a timed stage, and so is the queries' regime diagnostic. A ground-truth
+    bundle is imported first (the one given, else the preset's shipped one:
+    ``benchmarks.bundle.import_for_run``), so that nothing it holds is trained.
     """
     setting, device = prepare_run(
         config.preset,
@@ -283,6 +301,13 @@ def prepare(config: LDSConfig) -> PreparedRun:
         config.device,
         config.threads,
         config.options,
+    )
+    source = import_for_run(
+        setting,
+        ArtifactStore(Path(config.cache_dir)),
+        config.targets,
+        bundle=config.ground_truth_bundle,
+        recompute=config.recompute_ground_truth,
     )
     experiment, stages = prepare_experiment(
         setting, device, config, with_trajectories=needs_trajectories(_measurement_names(config))
@@ -299,7 +324,7 @@ def prepare(config: LDSConfig) -> PreparedRun:
             held_out.images,
             seed=derived_seed(setting.seed, "regime"),
         )
-    return PreparedRun(setting, experiment, truth, stages, regime)
+    return PreparedRun(setting, experiment, truth, stages, regime, source)
 
 
 # ---------------------------------------------------------------- stage 2: evaluate cells
@@ -708,7 +733,11 @@ def write_run(
     out_dir = Path(config.out) / "lds" / prepared.setting.name
     summary, per_query, paired = tables
     figures = _write_figure_inputs(out_dir, run_name, prepared, cells, config.data_dir)
-    result = {"similarity_reference": dict(cells.similarity_reference)}
+    result = {
+        "ground_truth": prepared.ground_truth_source,
+        "notes": table_notes(prepared),
+        "similarity_reference": dict(cells.similarity_reference),
+    }
     extra_tables = {"paired": paired} if not paired.empty else {}
     if prepared.regime is not None:
         result["regime"] = prepared.regime.summary()
@@ -726,13 +755,26 @@ def write_run(
     return {**figures, **written}
 
 
+def table_notes(prepared: PreparedRun) -> list[str]:
+    """The lines above every table of a run: what cannot be read from it, and its ground truth.
+
+    Returns:
+        ``benchmarks.results.ranking_note`` of the preset (smoke) if any, then
+        ``ground truth: <source>``.
+    """
+    note = ranking_note(prepared.setting.name)
+    return [*([note] if note else []), f"ground truth: {prepared.ground_truth_source}"]
+
+
 def _print_report(
     summary: pd.DataFrame,
     paired: pd.DataFrame,
     cells: Cells,
     regime: RegimeDiagnostic | None,
     summary_path: Path,
+    notes: list[str],
 ) -> None:
+    print("\n".join(notes))
     print(format_table(summary))
     print(similarity_footer(cells.similarity_reference))
     if regime is not None:
@@ -815,6 +857,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run methods with a quantize option at 32/16/8 bits (Figure 6)",
     )
+    truth = parser.add_mutually_exclusive_group()
+    truth.add_argument(
+        "--ground-truth-bundle",
+        metavar="DIR",
+        default=None,
+        help="import this ground-truth bundle folder before the run (default: the preset's "
+        "shipped bundle, results/groundtruth/<preset>, when there is one for this setting)",
+    )
+    truth.add_argument(
+        "--recompute-ground-truth",
+        action="store_true",
+        help="do not import the shipped bundle: compute (or resume) the ground truth in "
+        "--cache-dir",
+    )
     add_run_arguments(parser)
     return parser
 
@@ -830,6 +886,8 @@ def config_from_args(args: argparse.Namespace) -> LDSConfig:
         damping_sweep=args.damping_sweep,
         compression_ablation=args.compression_ablation,
         options=parse_key_values(args.option, "--option"),
+        ground_truth_bundle=args.ground_truth_bundle,
+        recompute_ground_truth=args.recompute_ground_truth,
         **run_option_values(args),
     )
 

@@ -1,15 +1,19 @@
-"""Leaderboard: ``python -m benchmarks.leaderboard --preset smoke``.
+"""Leaderboard: ``python -m benchmarks.leaderboard`` (quick preset, loss and ELBO).
 
 Runs the LDS benchmark for every registered method (built-ins and installed plugins) on one
-preset, then writes ``results/leaderboard.md`` (ranked table with the noise ceiling and the
-provenance of the run) and ``results/leaderboard.png`` (Figure 2 style bars). Unavailable
-methods (e.g. CLIP without weights) are listed with the reason instead of a score.
+preset, by default quick from its shipped ground-truth bundle (``benchmarks.bundle``), then
+writes ``results/leaderboard.md`` (one ranked table per target with the noise ceiling and exact
+retraining, where the ground truth came from, and the provenance of the run) and
+``results/leaderboard.png`` (Figure 2 style bars of the first target; ``leaderboard.<target>.png``
+for the others). Unavailable methods (e.g. CLIP without weights) are listed with the reason
+instead of a score. A table of the smoke preset says in its header that it cannot rank methods.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -25,32 +29,74 @@ from benchmarks.results import (
     NOISE_CEILING_LABEL,
     NOISE_CEILING_METHOD,
     format_lds,
+    ranking_note,
     similarity_difference_text,
 )
 from methods import available_methods
 
+TARGET_NAMES = {"loss": "diffusion loss", "elbo": "ELBO"}
+
 
 def leaderboard_markdown(
-    summary: pd.DataFrame, provenance: dict, preset: str, regime: str = ""
+    summary: pd.DataFrame,
+    provenance: dict,
+    preset: str,
+    *,
+    notes: Sequence[str] = (),
+    regime: str = "",
 ) -> str:
-    """The ranked Markdown leaderboard: ok rows by LDS, then the unavailable/failed ones.
+    """The ranked Markdown leaderboard: per target, ok rows by LDS, then the unavailable/failed.
 
     Methods are shown by their registry display name and registry name; the noise ceiling row
     has no rank. When the summary has ``vs_similarity_mean`` (``benchmarks.lds``), a column
     shows each method's paired per-query LDS difference to the best similarity baseline.
 
     Args:
-        summary: one row per method (the summary frame): ``method``, ``status``, ``reason``,
-            ``lds_mean``, ``lds_se``, ``seconds``, ``peak_memory_mb`` (optional:
-            ``similarity_reference``, ``vs_similarity_mean``, ``vs_similarity_se``).
+        summary: one row per method and target (the summary frame): ``method``, ``target``,
+            ``status``, ``reason``, ``lds_mean``, ``lds_se``, ``seconds``, ``peak_memory_mb``
+            (optional: ``similarity_reference``, ``vs_similarity_mean``, ``vs_similarity_se``).
         provenance: :func:`benchmarks.provenance.collect_provenance`'s record (commit,
             package versions, timestamp, machine) for the footer.
         preset: the preset's name, in the title.
+        notes: lines under the title (``benchmarks.lds.table_notes``: a smoke preset's
+            warning that it cannot rank methods, where the ground truth came from).
         regime: the run's regime diagnostic line (``RegimeDiagnostic.footer``), or empty.
 
     Returns:
         The Markdown text, ending with a newline.
     """
+    lines = [f"# Attribution leaderboard: preset `{preset}`", ""]
+    lines += [f"**{note}**" if "cannot rank" in note else note for note in notes]
+    lines += [
+        *([""] if notes else []),
+        "LDS (Spearman rank correlation between predicted and retrained measurement across "
+        "training subsets), mean ± standard error over generated queries, and a 95% bootstrap "
+        "interval that resamples queries and subsets together. The "
+        f"{NOISE_CEILING_LABEL} is the seed-to-seed agreement of the ground truth. ≈ marks every "
+        "method whose interval overlaps the leader's (the best method other than exact "
+        "retraining): the data cannot tell it from the leader.",
+    ]
+    targets = list(dict.fromkeys(summary["target"])) if "target" in summary else ["loss"]
+    for target in targets:
+        rows = summary[summary["target"] == target] if "target" in summary else summary
+        lines += ["", f"## Target: {TARGET_NAMES.get(target, target)}", ""]
+        lines += _ranked_table(rows)
+    lines += _footnotes(summary, regime)
+    packages = provenance.get("packages", {})
+    lines += [
+        "",
+        f"Commit `{provenance.get('git_commit', 'unknown')}`, torch "
+        f"{packages.get('torch')}, curvlinops {packages.get('curvlinops')}, traker "
+        f"{packages.get('traker')}; {provenance.get('timestamp', '')}; "
+        f"{provenance.get('cpu_count')} CPUs, CUDA: "
+        f"{provenance.get('device', {}).get('cuda_available')}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ranked_table(summary: pd.DataFrame) -> list[str]:
+    """The Markdown table lines of one target's rows."""
 
     def name(method: str) -> str:
         label = method_label(method)
@@ -62,15 +108,6 @@ def leaderboard_markdown(
     paired = "vs_similarity_mean" in summary.columns
     delta_header = " Δ vs best sim. |" if paired else ""
     lines = [
-        f"# Attribution leaderboard: preset `{preset}`",
-        "",
-        "LDS (Spearman rank correlation between predicted and retrained measurement across "
-        "training subsets), mean ± standard error over generated queries, and a 95% bootstrap "
-        "interval that resamples queries and subsets together; target: diffusion loss. The "
-        f"{NOISE_CEILING_LABEL} is the seed-to-seed agreement of the ground truth. ≈ marks every "
-        "method whose interval overlaps the leader's (the best method other than exact "
-        "retraining): the data cannot tell it from the leader.",
-        "",
         f"| rank | method | LDS % | 95% interval | ≈ leader |{delta_header} seconds | peak MB |",
         "|---:|---|---:|---:|:---:|" + ("---:|" if paired else "") + "---:|---:|",
     ]
@@ -89,18 +126,7 @@ def leaderboard_markdown(
     empty = " |" * (5 if paired else 4)
     for row in rest.itertuples():
         lines.append(f"| – | {name(row.method)} | {row.status}: {row.reason} |{empty}")
-    lines += _footnotes(summary, regime)
-    packages = provenance.get("packages", {})
-    lines += [
-        "",
-        f"Commit `{provenance.get('git_commit', 'unknown')}`, torch "
-        f"{packages.get('torch')}, curvlinops {packages.get('curvlinops')}, traker "
-        f"{packages.get('traker')}; {provenance.get('timestamp', '')}; "
-        f"{provenance.get('cpu_count')} CPUs, CUDA: "
-        f"{provenance.get('device', {}).get('cuda_available')}.",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _footnotes(summary: pd.DataFrame, regime: str) -> list[str]:
@@ -117,6 +143,8 @@ def _footnotes(summary: pd.DataFrame, regime: str) -> list[str]:
             ]
     return lines + (["", regime] if regime else [])
 
+
+DEFAULT_TARGETS = ("loss", "elbo")
 
 REFERENCE_ROWS = (NOISE_CEILING_METHOD, "retrain")
 """Rows that are references, not competitors: never the leader, never marked."""
@@ -145,8 +173,11 @@ def run(
     methods: tuple[str, ...] | None,
     progress: bool,
     overrides: dict | None = None,
+    *,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    recompute_ground_truth: bool = False,
 ) -> Path:
-    """Run the LDS of ``methods`` on ``preset`` and write ``leaderboard.md`` and ``.png``.
+    """Run the LDS of ``methods`` on ``preset`` and write ``leaderboard.md`` and the figures.
 
     Args:
         preset: setting preset.
@@ -155,6 +186,8 @@ def run(
         methods: registry names; None = every registered method.
         progress: show progress bars.
         overrides: setting overrides (``--set``), applied to the preset.
+        targets: what the methods predict, one table and figure each.
+        recompute_ground_truth: do not import the preset's shipped ground-truth bundle.
 
     Returns:
         the path of ``leaderboard.md``.
@@ -164,22 +197,29 @@ def run(
         LDSConfig(
             methods=names,
             preset=preset,
+            targets=targets,
             out=out,
             cache_dir=cache_dir,
             progress=progress,
             overrides=overrides or {},
+            recompute_ground_truth=recompute_ground_truth,
         )
     )
     out_dir = Path(out)
     regime = result.regime.footer() if result.regime is not None else ""
-    markdown = leaderboard_markdown(result.summary, collect_provenance(), preset, regime)
-    path = atomic_write_text(out_dir / "leaderboard.md", markdown)
-    plot_lds_bars(
-        result.summary,
-        out_dir / "leaderboard.png",
-        target="loss",
-        title=f"LDS on preset {preset} (target: loss)",
+    markdown = leaderboard_markdown(
+        result.summary, collect_provenance(), preset, notes=result.notes, regime=regime
     )
+    path = atomic_write_text(out_dir / "leaderboard.md", markdown)
+    caveat = " (cannot rank methods)" if ranking_note(preset) else ""
+    for i, target in enumerate(targets):
+        figure = out_dir / ("leaderboard.png" if i == 0 else f"leaderboard.{target}.png")
+        plot_lds_bars(
+            result.summary,
+            figure,
+            target=target,
+            title=f"LDS on preset {preset}{caveat} (target: {target})",
+        )
     print(f"wrote {path} and {out_dir / 'leaderboard.png'}")
     return path
 
@@ -191,7 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", default="smoke", help="smoke | quick | cifar2 | cifar10")
+    parser.add_argument("--preset", default="quick", help="smoke | quick | cifar2 | cifar10")
+    parser.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="MEASUREMENT",
+        help=f"what to predict (repeatable; default {' and '.join(DEFAULT_TARGETS)})",
+    )
+    parser.add_argument(
+        "--recompute-ground-truth",
+        action="store_true",
+        help="do not import the preset's shipped ground-truth bundle",
+    )
     parser.add_argument(
         "--method",
         action="append",
@@ -219,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             tuple(args.methods) if args.methods else None,
             not args.no_progress,
             nest_overrides(parse_key_values(args.overrides, "--set")),
+            targets=tuple(args.targets or DEFAULT_TARGETS),
+            recompute_ground_truth=args.recompute_ground_truth,
         )
     return 0
 

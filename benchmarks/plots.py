@@ -36,15 +36,16 @@ from matplotlib.patches import Patch, Rectangle
 from scipy import stats
 
 from benchmarks.io import atomic_write_bytes
-from benchmarks.metrics import summarize
 from benchmarks.results import (
     NOISE_CEILING_LABEL,
     NOISE_CEILING_METHOD,
     best_and_default,
     format_lds,
+    method_sort_key,
+    retrain_summary,
     validate_summary,
 )
-from methods.registry import REGISTRY, default_dampings, methods_in_table_order
+from methods.registry import REGISTRY, default_dampings
 
 __all__ = [
     "HESSIAN_ABLATION_LABELS",
@@ -135,14 +136,6 @@ def method_label(method: str) -> str:
     if method == NOISE_CEILING_METHOD:
         return NOISE_CEILING_LABEL
     return REGISTRY.get(method).display_name if method in REGISTRY else method
-
-
-def method_sort_key(method: str) -> tuple[int, str]:
-    """Key of the table order: the noise ceiling, the registry's order, then unknown names."""
-    order = methods_in_table_order()
-    if method == NOISE_CEILING_METHOD:
-        return (-1, method)
-    return (order.index(method), method) if method in order else (len(order), method)
 
 
 def bar_label(method: str, measurement: str, target: str, labels: Mapping[str, str]) -> str:
@@ -790,35 +783,6 @@ def plot_damping_sweep(
 
 
 # ---------------------------------------------------------------- Figure 3
-
-
-def retrain_summary(retrain_df: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± s.e. over queries of the change in loss after retraining without top influences.
-
-    Args:
-        retrain_df: long table with columns ``method``, ``fraction`` (removed fraction of the
-            training set, e.g. 0.02), ``query``, ``delta_loss`` (retrained minus original loss).
-
-    Returns:
-        Columns ``method, fraction, mean, se, n``, sorted by method order then fraction.
-    """
-    missing = [c for c in ("method", "fraction", "query", "delta_loss") if c not in retrain_df]
-    if missing:
-        raise ValueError(
-            f"retrain table is missing column(s) {missing}; need method, fraction, query, "
-            "delta_loss."
-        )
-    records = []
-    for (method, fraction), group in retrain_df.groupby(["method", "fraction"], sort=False):
-        mean, se, n = summarize(group["delta_loss"].to_numpy(dtype=np.float64))
-        records.append(
-            {"method": str(method), "fraction": float(fraction), "mean": mean, "se": se, "n": n}
-        )
-    out = pd.DataFrame.from_records(records, columns=["method", "fraction", "mean", "se", "n"])
-    if out.empty:
-        return out
-    order = [(method_sort_key(m), f) for m, f in zip(out["method"], out["fraction"], strict=True)]
-    return out.iloc[sorted(range(len(out)), key=lambda i: order[i])].reset_index(drop=True)
 
 
 def retrain_figure(retrain_df: pd.DataFrame) -> Figure:

@@ -229,7 +229,11 @@ def regime_footers(results_dir: Path, preset: str) -> list[str]:
 
 
 def retrain_markdown(retrain_df: pd.DataFrame) -> str:
-    """Figure 3's numbers as Markdown: mean ± s.e. change in loss per method and fraction."""
+    """Figure 3's numbers as Markdown, with each method's paired difference to random removal.
+
+    Mean ± s.e. change in loss per method and fraction; the paired difference is over the
+    queries both were measured on (``benchmarks.results.retrain_summary``).
+    """
     table = plots.retrain_summary(retrain_df)
     rows = pd.DataFrame(
         {
@@ -240,6 +244,10 @@ def retrain_markdown(retrain_df: pd.DataFrame) -> str:
                 for m, s in zip(table["mean"], table["se"], strict=True)
             ],
             "n": table["n"],
+            "minus random removal (paired) ± s.e.": [
+                "" if not np.isfinite(m) else f"{m:.3g} ± {s:.2g}" if np.isfinite(s) else f"{m:.3g}"
+                for m, s in zip(table["vs_random_mean"], table["vs_random_se"], strict=True)
+            ],
         }
     )
     return markdown_table(rows)

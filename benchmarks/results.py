@@ -59,13 +59,14 @@ import pandas as pd
 from benchmarks.io import atomic_write_bytes, atomic_write_text, to_jsonable
 from benchmarks.metrics import summarize
 from benchmarks.provenance import collect_provenance, stages_to_dict, with_end_of_run_commit
-from methods.registry import default_dampings
+from methods.registry import default_dampings, methods_in_table_order
 
 __all__ = [
     "KEY_COLUMNS",
     "NOISE_CEILING_LABEL",
     "NOISE_CEILING_METHOD",
     "PER_QUERY_COLUMNS",
+    "RANDOM_REMOVAL",
     "RUN_RECORD_SUFFIX",
     "STATUSES",
     "SUMMARY_COLUMNS",
@@ -77,8 +78,10 @@ __all__ = [
     "load_influence_examples",
     "load_model_correlation",
     "load_results",
+    "method_sort_key",
     "per_query_frame",
     "result_row",
+    "retrain_summary",
     "run_record_text",
     "save_influence_examples",
     "save_model_correlation",
@@ -116,6 +119,10 @@ STATUSES: tuple[str, ...] = ("ok", "unavailable", "failed")
 
 HELD_OUT_SELECTION = "held-out"
 """``selection`` value of a row whose damping was chosen on held-out subsets (cross-fitted)."""
+
+RANDOM_REMOVAL = "random-removal"
+"""``method`` value of the retraining benchmark's uniformly random removals (Figure 3's
+baseline)."""
 
 NOISE_CEILING_METHOD = "noise-ceiling"
 """``method`` value of rows holding :func:`benchmarks.metrics.noise_ceiling` summaries."""
@@ -676,6 +683,23 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+PLUMBING_PRESETS: dict[str, str] = {
+    "smoke": "4 queries, 6 subsets, 1 seed",
+}
+"""Presets too small to rank methods (plumbing checks) -> why, for :func:`ranking_note`."""
+
+
+def ranking_note(preset: str) -> str | None:
+    """The header line of every table made from a plumbing preset (smoke), else None."""
+    why = PLUMBING_PRESETS.get(preset)
+    if why is None:
+        return None
+    return (
+        f"preset {preset} is a plumbing check ({why}): its LDS cannot rank methods; "
+        "use the quick preset (or larger) to compare them"
+    )
+
+
 def format_table(summary_df: pd.DataFrame) -> str:
     """A plain-text table of a summary for the terminal, one line per row, in input order.
 
@@ -872,3 +896,74 @@ def best_and_default(
             record.update(_similarity_columns(row if row is not nan else None, suffix))
         records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+# ---------------------------------------------------------------- retraining (Figure 3)
+
+
+def method_sort_key(method: str) -> tuple[int, str]:
+    """Key of the table order: the noise ceiling, the registry's order, then unknown names."""
+    order = methods_in_table_order()
+    if method == NOISE_CEILING_METHOD:
+        return (-1, method)
+    return (order.index(method), method) if method in order else (len(order), method)
+
+
+def retrain_summary(retrain_df: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± s.e. over queries of the change in loss after retraining without top influences.
+
+    With random removals in the table (method :data:`RANDOM_REMOVAL`), each method's change is
+    also paired with the random removal of the same query and fraction (common random numbers:
+    the same base value and Monte Carlo draws), and the paired difference ``method − random`` is
+    summarised over the queries both have.
+
+    Args:
+        retrain_df: long table with columns ``method``, ``fraction`` (removed fraction of the
+            training set, e.g. 0.02), ``query``, ``delta_loss`` (retrained minus original loss).
+
+    Returns:
+        Columns ``method, fraction, mean, se, n, vs_random_mean, vs_random_se, n_pairs``
+        (the last three NaN / 0 for the random removal itself or without one), sorted by method
+        order then fraction.
+    """
+    missing = [c for c in ("method", "fraction", "query", "delta_loss") if c not in retrain_df]
+    if missing:
+        raise ValueError(
+            f"retrain table is missing column(s) {missing}; need method, fraction, query, "
+            "delta_loss."
+        )
+    columns = ["method", "fraction", "mean", "se", "n", "vs_random_mean", "vs_random_se"]
+    random_delta = retrain_df[retrain_df["method"] == RANDOM_REMOVAL].set_index(
+        ["fraction", "query"]
+    )["delta_loss"]
+    records = []
+    for (method, fraction), group in retrain_df.groupby(["method", "fraction"], sort=False):
+        mean, se, n = summarize(group["delta_loss"].to_numpy(dtype=np.float64))
+        pairs = _paired_with_random(group, random_delta) if method != RANDOM_REMOVAL else None
+        diff = summarize(pairs) if pairs is not None and pairs.size else None
+        records.append(
+            {
+                "method": str(method),
+                "fraction": float(fraction),
+                "mean": mean,
+                "se": se,
+                "n": n,
+                "vs_random_mean": diff.mean if diff else math.nan,
+                "vs_random_se": diff.standard_error if diff else math.nan,
+                "n_pairs": diff.n if diff else 0,
+            }
+        )
+    out = pd.DataFrame.from_records(records, columns=[*columns, "n_pairs"])
+    if out.empty:
+        return out
+    order = [(method_sort_key(m), f) for m, f in zip(out["method"], out["fraction"], strict=True)]
+    return out.iloc[sorted(range(len(out)), key=lambda i: order[i])].reset_index(drop=True)
+
+
+def _paired_with_random(group: pd.DataFrame, random_delta: pd.Series) -> np.ndarray:
+    """``# [n_pairs]`` a method's delta minus the random removal's, per query both have."""
+    keys = list(zip(group["fraction"], group["query"], strict=True))
+    kept = [i for i, key in enumerate(keys) if key in random_delta.index]
+    own = group["delta_loss"].to_numpy(dtype=np.float64)[kept]
+    other = random_delta.loc[[keys[i] for i in kept]].to_numpy(dtype=np.float64)
+    return own - other

@@ -33,7 +33,6 @@ from benchmarks.cli import (
 from benchmarks.executors import TaskOutcome, make_executor, raise_failures
 from benchmarks.groundtruth import get_or_train_model
 from benchmarks.io import atomic_write_text
-from benchmarks.metrics import summarize
 from benchmarks.pipeline import (
     QuerySet,
     derived_seed,
@@ -42,12 +41,16 @@ from benchmarks.pipeline import (
     queries_spec,
 )
 from benchmarks.provenance import StageLog
-from benchmarks.results import RUN_RECORD_SUFFIX, RunRecord, write_run_record
+from benchmarks.results import (
+    RANDOM_REMOVAL,
+    RUN_RECORD_SUFFIX,
+    RunRecord,
+    retrain_summary,
+    write_run_record,
+)
 from benchmarks.runner import Experiment, prepare_experiment, prepare_run, run_method
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
-
-RANDOM_REMOVAL = "random-removal"
 
 
 @dataclass(frozen=True)
@@ -393,15 +396,13 @@ def cell_table(
 
 
 def summarize_cells(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard error and count of ``delta_loss`` over queries, per (method, fraction)."""
+    """Per (method, fraction): ``delta_loss`` summarised, and paired with random removal.
+
+    See ``benchmarks.results.retrain_summary`` (empty table: empty frame).
+    """
     if table.empty:
         return pd.DataFrame()
-    return (
-        table.groupby(["method", "fraction"])["delta_loss"]
-        .apply(lambda v: pd.Series(summarize(v.to_numpy())._asdict()))
-        .unstack()
-        .reset_index()
-    )
+    return retrain_summary(table)
 
 
 # ---------------------------------------------------------------- stage 4: write

@@ -10,6 +10,8 @@ absolute and made lazily inside the loaders, so ``import datasets`` stays light.
 
 - ``digits``: scikit-learn's 1797 8x8 digits, shipped with scikit-learn (no download).
 - ``digits2``: the digits 3 and 8 (357 images), the CIFAR-2 analogue.
+- ``digits2-translated``: each ``digits2`` image at a random place on a 16x16 blank canvas (the
+  places are fixed data, the same in every run), where pixel distance and model similarity part.
 - ``cifar10``: the 50000 CIFAR-10 training images.
 - ``cifar2``: 2500 automobiles + 2500 horses sampled from CIFAR-10 (paper, App. G).
 """
@@ -20,18 +22,19 @@ import difflib
 from pathlib import Path
 
 from .base import DatasetUnavailableError, ImageDataset
-from .transforms import random_hflip
+from .transforms import paste_on_canvas, random_hflip
 
 __all__ = [
     "DATASET_NAMES",
     "DatasetUnavailableError",
     "ImageDataset",
     "load_dataset",
+    "paste_on_canvas",
     "random_hflip",
 ]
 
 #: Names accepted by :func:`load_dataset`.
-DATASET_NAMES: tuple[str, ...] = ("digits", "digits2", "cifar10", "cifar2")
+DATASET_NAMES: tuple[str, ...] = ("digits", "digits2", "digits2-translated", "cifar10", "cifar2")
 
 
 def load_dataset(
@@ -42,7 +45,7 @@ def load_dataset(
     Args:
         name: One of :data:`DATASET_NAMES`.
         data_dir: For cifar10/cifar2, a directory containing ``cifar-10-batches-py`` (or that
-            directory itself). Ignored by digits/digits2, which ship with scikit-learn.
+            directory itself). Ignored by the digits data sets, which ship with scikit-learn.
         download: For cifar10/cifar2 without ``data_dir``: whether torchvision may download
             CIFAR-10 into the default cache (``~/.cache/diffusion-attribution/cifar10``).
 
@@ -61,6 +64,10 @@ def load_dataset(
         from .digits import load_digits2  # deferred: scikit-learn loads only when used
 
         return load_digits2()
+    if name == "digits2-translated":
+        from .digits import load_digits2_translated  # deferred: scikit-learn loads only when used
+
+        return load_digits2_translated()
     if name == "cifar10":
         from .cifar import load_cifar10  # deferred: torchvision loads only for CIFAR
 

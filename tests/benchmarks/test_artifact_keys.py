@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from benchmarks import lds
+from benchmarks.bundle import bundle_fingerprint
 from benchmarks.groundtruth import ground_truth_seed, measurement_spec, model_spec, subset_masks
 from benchmarks.pipeline import QuerySet, base_model_spec, queries_spec
-from benchmarks.runner import Experiment, build_method, method_context
+from benchmarks.runner import Experiment, build_method, method_context, subset_predictions_spec
 from benchmarks.settings import FINGERPRINT_PARTS, Setting
 from benchmarks.store import ArtifactStore, spec_key
 from tests.benchmarks.tiny import TINY_OVERRIDES, tiny_setting
@@ -35,9 +37,15 @@ ALL = frozenset(
         "measurement",
         "kfac-curvature",
         "trak-features",
+        "subset-predictions",
+        "ground-truth-bundle",
     }
 )
-"""Every stored artifact kind (a ground-truth measurement is one of a subset model)."""
+"""Every stored artifact kind (a ground-truth measurement is one of a subset model), and a
+ground-truth bundle (its fingerprint: what an imported bundle must match)."""
+ORACLE = frozenset({"subset-predictions", "ground-truth-bundle"})
+"""The exact-retraining oracle's predictions and the bundle holding them: they depend on every
+Monte Carlo sample count a method's context offers."""
 FROM_BASE_MODEL = ALL - {"subset-model"}
 """What the base model (its data, U-Net, recipe, schedule, seed) determines."""
 
@@ -48,15 +56,15 @@ CHANGES: dict[str, tuple[object, frozenset[str]]] = {
     "n_train": (20, ALL),
     "unet": ({"base_channels": 4}, ALL),
     "train": ({"steps": 11}, FROM_BASE_MODEL),
-    "subset_train": ({"steps": 11}, frozenset({"subset-model", "measurement"})),
-    "n_queries": (3, frozenset({"queries", "measurement"})),
-    "n_subsets": (5, frozenset()),
-    "n_seeds": (3, frozenset()),
-    "gt_mc_samples": (9, frozenset({"measurement"})),
-    "grad_mc_samples": (5, frozenset({"trak-features"})),
-    "kfac_mc_samples": (5, frozenset({"kfac-curvature"})),
-    "query_grad_mc_samples": (5, frozenset()),  # query gradients are never stored
-    "subset_fraction": (0.25, frozenset({"subset-model", "measurement"})),
+    "subset_train": ({"steps": 11}, frozenset({"subset-model", "measurement", *ORACLE})),
+    "n_queries": (3, frozenset({"queries", "measurement", *ORACLE})),
+    "n_subsets": (5, ORACLE),  # the oracle predicts every subset; the bundle holds them all
+    "n_seeds": (3, frozenset({"ground-truth-bundle"})),
+    "gt_mc_samples": (9, frozenset({"measurement", *ORACLE})),
+    "grad_mc_samples": (5, frozenset({"trak-features", *ORACLE})),
+    "kfac_mc_samples": (5, frozenset({"kfac-curvature", *ORACLE})),
+    "query_grad_mc_samples": (5, ORACLE),  # query gradients are never stored
+    "subset_fraction": (0.25, frozenset({"subset-model", "measurement", *ORACLE})),
     "n_retrain_queries": (2, frozenset()),
     "retrain_fractions": ((0.05,), frozenset()),
     "method_options": ((("proj_dim", 256),), frozenset({"trak-features"})),
@@ -72,6 +80,8 @@ PARTS = {  # kind -> the fingerprint part its spec holds
     "measurement": "measurement",
     "kfac-curvature": "base_model",  # MethodContext.train_spec
     "trak-features": "base_model",  # MethodContext.train_spec
+    "subset-predictions": "subset_predictions",
+    "ground-truth-bundle": "ground_truth",
 }
 
 
@@ -120,6 +130,16 @@ def artifact_specs(setting: Setting) -> dict[str, dict]:
         "measurement": measurement_spec(spec_key("model", subset_model), setting, "loss"),
         "kfac-curvature": kfac._curvature_spec(ctx, model),
         "trak-features": trak._features_spec(ctx, model.state_dict(), trak.config.proj_dim, "cpu"),
+        "subset-predictions": subset_predictions_spec(
+            setting,
+            "retrain",
+            asdict(build_method("retrain", {}).config),
+            measurement="loss",
+            target="loss",
+            masks=subset_masks(setting.n_train, setting),
+            with_trajectories=False,
+        ),
+        "ground-truth-bundle": {"setting": bundle_fingerprint(setting)},
     }
 
 

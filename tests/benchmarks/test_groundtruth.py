@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from benchmarks.executors import LocalExecutor, PoolExecutor, RayExecutor
+from benchmarks.executors import (
+    AutoExecutor,
+    LocalExecutor,
+    PoolExecutor,
+    RayExecutor,
+    make_executor,
+)
 from benchmarks.groundtruth import compute_ground_truth, subset_masks
 from benchmarks.pipeline import count_trainings, get_base_model, get_queries, load_train_set
 from benchmarks.store import ArtifactStore
@@ -80,3 +88,32 @@ def test_failed_tasks_are_reported_by_key_and_others_finish():
     assert [o.ok for o in outcomes] == [True, False, True]
     assert outcomes[1].key == "b" and "boom" in outcomes[1].error and outcomes[1].attempts == 3
     assert outcomes[2].value == 20
+
+
+def test_the_auto_executor_uses_a_pool_only_for_several_tasks_and_cores():
+    auto = AutoExecutor(workers=4, progress=False)
+    assert isinstance(auto.choose(1), LocalExecutor)
+    assert isinstance(auto.choose(0), LocalExecutor)
+    pool = auto.choose(3)
+    assert isinstance(pool, PoolExecutor) and pool.workers == 3
+    assert isinstance(AutoExecutor(workers=1).choose(8), LocalExecutor)
+    assert isinstance(make_executor("auto", workers=2), AutoExecutor)
+
+
+def test_a_stored_ground_truth_sends_no_task_to_the_executor(tiny_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    setting, store = tiny_setting(), ArtifactStore(cache)
+    first = compute_ground_truth(
+        setting, store, ["loss"], n_train=24, executor=LocalExecutor(progress=False)
+    )
+    calls = []
+
+    class Recorder(LocalExecutor):
+        def map(self, fn, tasks, keys, desc=""):
+            calls.append(len(tasks))
+            return super().map(fn, tasks, keys, desc)
+
+    again = compute_ground_truth(setting, store, ["loss"], n_train=24, executor=Recorder())
+    assert calls == [0]
+    np.testing.assert_array_equal(again.values["loss"], first.values["loss"])

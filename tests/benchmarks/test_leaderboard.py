@@ -84,6 +84,14 @@ def test_main_writes_the_table_and_the_figure(tiny_cache, tmp_path):
     assert "| Δ vs best sim. |" in markdown and "| ref |" in markdown  # pixel: the only one
     assert "best similarity baseline of the run (`pixel`, marked ref)" in markdown
     assert any(line.startswith("regime: nearest/second-nearest") for line in markdown.splitlines())
+    assert (out / "leaderboard.elbo.png").stat().st_size > 0  # loss and ELBO by default
+    header = markdown.split("## Target")[0]
+    assert "preset smoke is a plumbing check" in header and "cannot rank methods" in header
+    assert "ground truth: computed (or resumed) in the artifact store" in header
+    assert [line for line in markdown.splitlines() if line.startswith("## ")] == [
+        "## Target: diffusion loss",
+        "## Target: ELBO",
+    ]
 
 
 def test_shows_the_paired_difference_to_the_best_similarity_baseline():
@@ -91,7 +99,7 @@ def test_shows_the_paired_difference_to_the_best_similarity_baseline():
     summary["similarity_reference"] = "pixel"
     summary["vs_similarity_mean"] = [-0.15, 0.2, np.nan, np.nan, 0.0]
     summary["vs_similarity_se"] = [0.05, 0.1, np.nan, np.nan, 0.0]
-    markdown = leaderboard.leaderboard_markdown(summary, PROVENANCE, "p", "regime: line")
+    markdown = leaderboard.leaderboard_markdown(summary, PROVENANCE, "p", regime="regime: line")
     rows = {r[1].split("`")[1]: r for r in _table_rows(markdown)[1:]}
     assert rows["kfac"][5] == "+20.0 ± 10.0" and rows["random"][5] == "-15.0 ± 5.0"
     assert rows["pixel"][5] == "ref" and len(rows["clip"]) == len(rows["kfac"])

@@ -156,6 +156,30 @@ def test_retrain_summary_arithmetic():
         plots.retrain_summary(df.drop(columns=["delta_loss"]))
 
 
+def test_retrain_summary_pairs_each_method_with_random_removal_of_the_same_query():
+    rng = np.random.default_rng(3)
+    rows = []
+    for method in ("kfac", "random-removal"):
+        for fraction in (0.02, 0.1):
+            for query in range(5):
+                rows.append((method, fraction, query, float(rng.normal())))
+    df = pd.DataFrame(rows, columns=["method", "fraction", "query", "delta_loss"])
+    df = df.drop(index=3)  # kfac, 2%, query 3 missing: that pair is left out
+    out = plots.retrain_summary(df).set_index(["method", "fraction"])
+    kfac = df[df["method"] == "kfac"].set_index(["fraction", "query"])["delta_loss"]
+    rand = df[df["method"] == "random-removal"].set_index(["fraction", "query"])["delta_loss"]
+    for fraction in (0.02, 0.1):
+        diffs = [
+            kfac[(fraction, q)] - rand[(fraction, q)] for q in range(5) if (fraction, q) in kfac
+        ]
+        row = out.loc[("kfac", fraction)]
+        assert row["n_pairs"] == len(diffs)
+        assert row["vs_random_mean"] == pytest.approx(np.mean(diffs))
+        assert row["vs_random_se"] == pytest.approx(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+    assert np.isnan(out.loc[("random-removal", 0.1), "vs_random_mean"])
+    assert "minus random removal" in reports.retrain_markdown(df)
+
+
 def test_correlations_match_definitions():
     a = np.array([1.0, 2.0, 3.0, 4.0])
     b = np.array([1.0, 4.0, 9.0, 16.0])

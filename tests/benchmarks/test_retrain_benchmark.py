@@ -182,6 +182,7 @@ def test_unchanged_model_gives_zero_delta_for_every_query(tmp_path, tiny_cache, 
         cache_dir=str(tmp_path / "cache"),
         out=str(tmp_path / "out"),
         device="cpu",
+        executor="local",  # in-process: the monkeypatched training must apply
         threads=1,
         progress=False,
     )

@@ -130,6 +130,7 @@ def test_a_run_without_similarity_baseline_adds_pixel_l2_and_pairs_with_it(tiny_
     record = json.loads(tiny_run.files["record"].read_text())
     assert record["result"]["similarity_reference"] == {"loss": "pixel-l2"}
     lines = printed.splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if "Δ vs best sim." in line) :]
     assert "Δ vs best sim." in lines[0] and any(" ref " in line for line in lines[2:5])
     assert "Δ vs best similarity: paired per-query LDS difference" in lines[5]
     assert lines[5].endswith("(loss: pixel-l2)")

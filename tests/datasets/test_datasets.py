@@ -19,9 +19,11 @@ from datasets import (
     DatasetUnavailableError,
     ImageDataset,
     load_dataset,
+    paste_on_canvas,
     random_hflip,
 )
 from datasets import cifar as cifar_mod
+from datasets.digits import digits2_translation_offsets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,6 +139,42 @@ def test_digits2_is_threes_and_eights_with_stable_indices() -> None:
     )
     again = load_dataset("digits2")
     assert torch.equal(again.indices, ds.indices) and torch.equal(again.images, ds.images)
+
+
+def test_digits2_translated_pastes_each_digits2_image_at_its_offset() -> None:
+    sk = sk_load_digits()
+    ds = load_dataset("digits2-translated")
+    offsets = digits2_translation_offsets().numpy()  # [357, 2]
+    assert ds.name == "digits2-translated"
+    assert tuple(ds.images.shape) == (357, 1, 16, 16) and ds.images.dtype == torch.float32
+    expected_idx = np.flatnonzero((sk.target == 3) | (sk.target == 8))
+    np.testing.assert_array_equal(ds.indices.numpy(), expected_idx)  # image i is digits2's i
+    np.testing.assert_array_equal(ds.labels.numpy(), sk.target[expected_idx])
+    # Independent recomputation from scikit-learn's raw pixels: blank (0 -> -1) canvas, the
+    # digit at (row, col).
+    expected = np.full((357, 16, 16), -1.0)
+    for i, (row, col) in enumerate(offsets):
+        expected[i, row : row + 8, col : col + 8] = sk.images[expected_idx[i]] / 8.0 - 1.0
+    np.testing.assert_array_equal(ds.images[:, 0].numpy().astype(np.float64), expected)
+
+
+def test_digits2_translated_offsets_are_fixed_data_not_run_randomness() -> None:
+    torch.manual_seed(1)
+    np.random.seed(1)
+    first = digits2_translation_offsets()
+    images = load_dataset("digits2-translated").images
+    torch.manual_seed(2)
+    np.random.seed(2)
+    assert torch.equal(digits2_translation_offsets(), first)  # global RNGs play no part
+    assert torch.equal(load_dataset("digits2-translated").images, images)
+    assert first.dtype == torch.int64 and tuple(first.shape) == (357, 2)
+    # Pinned: a numpy stream change would silently change the data set (and its benchmarks).
+    assert first[:4].tolist() == [[8, 0], [4, 2], [0, 2], [0, 0]]
+    assert first.sum(0).tolist() == [1483, 1430]
+    # Every one of the 9 placements per axis, each about 357 / 9 = 39.7 times (s.d. 5.9).
+    for axis in range(2):
+        counts = torch.bincount(first[:, axis], minlength=9)
+        assert counts.numel() == 9 and int(counts.min()) >= 20 and int(counts.max()) <= 60
 
 
 # ----------------------------------------------------------------------------- ImageDataset
@@ -312,11 +350,28 @@ def test_random_hflip_flips_about_half_deterministically() -> None:
         random_hflip(images[0], torch.Generator())
 
 
+def test_paste_on_canvas_places_each_image_and_fills_the_rest() -> None:
+    images = torch.arange(1, 2 * 2 * 2 * 3 + 1, dtype=torch.float32).reshape(2, 2, 2, 3)
+    out = paste_on_canvas(images, torch.tensor([[0, 1], [2, 0]]), 4, -0.5)
+    assert tuple(out.shape) == (2, 2, 4, 4)
+    expected = torch.full((2, 2, 4, 4), -0.5)
+    expected[0, :, 0:2, 1:4] = images[0]
+    expected[1, :, 2:4, 0:3] = images[1]
+    assert torch.equal(out, expected)
+    for bad in ([[0, 2], [0, 0]], [[3, 0], [0, 0]], [[-1, 0], [0, 0]]):
+        with pytest.raises(ValueError, match="inside the 4x4 canvas"):
+            paste_on_canvas(images, torch.tensor(bad), 4, -1.0)
+    with pytest.raises(ValueError, match=r"\[N, 2\]"):
+        paste_on_canvas(images, torch.zeros(2, 2), 4, -1.0)  # float offsets
+    with pytest.raises(ValueError, match="smaller than"):
+        paste_on_canvas(images, torch.zeros(2, 2, dtype=torch.int64), 2, -1.0)
+
+
 # ----------------------------------------------------------------------------- registry
 
 
 def test_unknown_name_lists_known_names() -> None:
-    assert DATASET_NAMES == ("digits", "digits2", "cifar10", "cifar2")
+    assert DATASET_NAMES == ("digits", "digits2", "digits2-translated", "cifar10", "cifar2")
     with pytest.raises(ValueError) as info:
         load_dataset("cifar100")
     message = str(info.value)
