@@ -445,7 +445,7 @@ def test_trak_featurise(benchmark, bench_problem, row_bound: RowBound, ratios, m
     assert scores.shape == (p.n_queries, p.n_train) and np.isfinite(scores).all()
     featurise = phases.seconds.get("featurise", float("nan"))
     train_rows = p.n_train * p.grad_samples
-    rows = train_rows + p.n_queries * p.grad_samples
+    rows = train_rows + p.n_queries * p.query_samples  # TRAK queries use query_samples
     for name, value in phases.seconds.items():
         benchmark.extra_info[f"phase {name} s"] = value
     ratios.record(benchmark, f"trak featurise (proj_dim {p.proj_dim})", featurise, unit="s")
