@@ -48,6 +48,7 @@ PACKAGES: dict[str, str] = {
     "pandas": "pandas",
     "safetensors": "safetensors",
     "scipy": "scipy",
+    "diffusers": "diffusers",
 }
 """Reported name -> distribution name of the packages whose versions go into provenance."""
 
