@@ -7,7 +7,12 @@ training images from scikit-learn's digits (``x / 8 - 1``) and 3 queries. The mo
 trained: Ho et al.'s initialisation zeroes the last convolution of every block (the network
 outputs exactly 0 and most layers get no gradient), so the weights are perturbed with seeded
 noise instead, which makes every layer active. Retraining (``train_fn``) is a few full-batch
-Adam steps from those weights. The torch thread count is set in tests/conftest.py.
+Adam steps from those weights. The ``diffusers_*`` contexts are the same with the tiny diffusers
+``UNet2DModel`` of tests/tiny_diffusers.py, trained for 50 full-batch Adam steps from diffusers'
+initialisation (untrained, the reduce variants miss the self-influence check), in float64: its
+K-FAC curvature is so ill-conditioned that float32 K-FAC/EK-FAC scores move by up to 1 % of their
+scale with the batch size (float32 roundoff amplified by the preconditioner; in float64 they
+agree to 1e-12), beyond the contract's float32 tolerance. The torch thread count is set in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from diffusion.measurements import draw_mc, measure
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet, UNetConfig
 from methods.context import MethodContext
+from tests.tiny_diffusers import DIFFUSERS_REASON, tiny_diffusers_model
 
 SMOKE_UNET = UNetConfig(
     image_channels=1,
@@ -101,10 +107,13 @@ class DictCache:
         return self.entries[key]
 
 
-def _make_smoke_context() -> MethodContext:
-    images = digits_images(0, N_TRAIN + 3)
+def _make_smoke_context(
+    model: nn.Module | None = None, dtype: torch.dtype = torch.float32
+) -> MethodContext:
+    """The smoke context around ``model`` (default: :func:`smoke_model`), images in ``dtype``."""
+    images = digits_images(0, N_TRAIN + 3).to(dtype)
     train, queries = images[:N_TRAIN], images[N_TRAIN:]
-    model = smoke_model()
+    model = (smoke_model() if model is None else model).to(dtype)
     schedule = SMOKE_SCHEDULE
     measure_generator_seed = 1234
 
@@ -147,6 +156,16 @@ def smoke_context() -> MethodContext:
     return _make_smoke_context()
 
 
+def _self_influence(context: MethodContext) -> MethodContext:
+    return replace(
+        context,
+        query_images=context.train_images[list(SELF_QUERIES)].clone(),
+        grad_samples=64,
+        fit_samples=8,
+        query_samples=64,
+    )
+
+
 @pytest.fixture(scope="session")
 def self_influence_context(smoke_context: MethodContext) -> MethodContext:
     """Queries that are training examples (positions :data:`SELF_QUERIES`), 64 / 8 samples.
@@ -154,13 +173,22 @@ def self_influence_context(smoke_context: MethodContext) -> MethodContext:
     More MC samples than the smoke context: a diffusion loss gradient estimated from a few
     (t, eps) draws is mostly noise, and the known-answer check must not be a coin flip.
     """
-    return replace(
-        smoke_context,
-        query_images=smoke_context.train_images[list(SELF_QUERIES)].clone(),
-        grad_samples=64,
-        fit_samples=8,
-        query_samples=64,
-    )
+    return _self_influence(smoke_context)
+
+
+@pytest.fixture(scope="session")
+def diffusers_smoke_context() -> MethodContext:
+    """The smoke context with the tiny diffusers ``UNet2DModel`` (tests/tiny_diffusers.py)."""
+    pytest.importorskip("diffusers", reason=DIFFUSERS_REASON)
+    train = digits_images(0, N_TRAIN)
+    base = quick_retrain(tiny_diffusers_model(), train, SMOKE_SCHEDULE, seed=0, steps=50)
+    return _make_smoke_context(base, dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def diffusers_self_influence_context(diffusers_smoke_context: MethodContext) -> MethodContext:
+    """:func:`self_influence_context` with the tiny diffusers ``UNet2DModel``."""
+    return _self_influence(diffusers_smoke_context)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,9 @@ Parametrised at collection time over ``methods.available_methods()``: built-ins,
 registrations made before collection, and installed plugins (entry-point group
 ``diffusion_attribution.methods``) are all checked without being listed here.
 
+Every check runs on both model backends (``diffusion.backends``): the harness U-Net and a tiny
+diffusers ``UNet2DModel`` (skipped without diffusers).
+
 For each method (skipped when ``availability()`` says it cannot run here; a method whose module
 fails to import is an error):
 
@@ -33,7 +36,27 @@ from methods.base import AttributionMethod
 
 METHOD_NAMES = available_methods()  # at collection: plugins and registrations included
 
-_OUTPUTS: dict[str, np.ndarray] = {}  # first output per method, reused across the checks
+BACKENDS = ("unet", "diffusers")
+_OUTPUTS: dict[tuple[str, str], np.ndarray] = {}  # first output per (method, backend)
+_CONTEXTS = {
+    "unet": ("smoke_context", "self_influence_context"),
+    "diffusers": ("diffusers_smoke_context", "diffusers_self_influence_context"),
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def smoke_ctx(backend: str, request: pytest.FixtureRequest) -> MethodContext:
+    return request.getfixturevalue(_CONTEXTS[backend][0])
+
+
+@pytest.fixture
+def self_ctx(backend: str, request: pytest.FixtureRequest) -> MethodContext:
+    return request.getfixturevalue(_CONTEXTS[backend][1])
 
 
 def _build(name: str, **overrides) -> AttributionMethod:
@@ -62,40 +85,40 @@ def _run(method: AttributionMethod, ctx: MethodContext) -> np.ndarray:
     return method.score(ctx)
 
 
-def _output(name: str, ctx: MethodContext) -> np.ndarray:
-    if name not in _OUTPUTS:
-        _OUTPUTS[name] = _run(_build(name), ctx)
-    return _OUTPUTS[name]
+def _output(name: str, backend: str, ctx: MethodContext) -> np.ndarray:
+    if (name, backend) not in _OUTPUTS:
+        _OUTPUTS[name, backend] = _run(_build(name), ctx)
+    return _OUTPUTS[name, backend]
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_output_shape_dtype_finite(name: str, smoke_context: MethodContext) -> None:
+def test_output_shape_dtype_finite(name: str, backend: str, smoke_ctx: MethodContext) -> None:
     method = _build(name)
-    out = _output(name, smoke_context)
+    out = _output(name, backend, smoke_ctx)
     assert isinstance(out, np.ndarray), f"{name} returned {type(out).__name__}, not an ndarray"
     if method.kind == "subset-predictions":
-        expected = (3, smoke_context.n_queries)
+        expected = (3, smoke_ctx.n_queries)
     else:
         assert method.kind == "scores", f"{name}: unknown kind {method.kind!r}"
-        expected = (smoke_context.n_queries, smoke_context.n_train)
+        expected = (smoke_ctx.n_queries, smoke_ctx.n_train)
     assert out.shape == expected
     assert out.dtype == np.float64
     assert np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_deterministic_for_a_fixed_seed(name: str, smoke_context: MethodContext) -> None:
+def test_deterministic_for_a_fixed_seed(name: str, backend: str, smoke_ctx: MethodContext) -> None:
     method = _build(name)
     if not method.deterministic:
         pytest.skip(f"{name} declares itself non-deterministic")
-    first = _output(name, smoke_context)
-    again = _run(_build(name), smoke_context)
+    first = _output(name, backend, smoke_ctx)
+    again = _run(_build(name), smoke_ctx)
     scale = float(np.abs(first).max())
     np.testing.assert_allclose(again, first, rtol=1e-9, atol=1e-12 * scale)
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_invariant_config_fields(name: str, smoke_context: MethodContext) -> None:
+def test_invariant_config_fields(name: str, smoke_ctx: MethodContext) -> None:
     method = _build(name)
     invariant = dict(method.invariant_config_fields)
     if not invariant:
@@ -103,8 +126,8 @@ def test_invariant_config_fields(name: str, smoke_context: MethodContext) -> Non
     known = {f.name for f in fields(method.config)}
     for field_name, (a, b) in invariant.items():
         assert field_name in known, f"{name}: invariant field {field_name!r} is not in its Config"
-        out_a = _run(type(method)(replace(method.config, **{field_name: a})), smoke_context)
-        out_b = _run(type(method)(replace(method.config, **{field_name: b})), smoke_context)
+        out_a = _run(type(method)(replace(method.config, **{field_name: a})), smoke_ctx)
+        out_b = _run(type(method)(replace(method.config, **{field_name: b})), smoke_ctx)
         scale = float(np.abs(out_a).max())
         # float32 summation order, plus (for int8-compressed methods) a quantisation step
         np.testing.assert_allclose(
@@ -118,15 +141,15 @@ def test_invariant_config_fields(name: str, smoke_context: MethodContext) -> Non
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_self_influence_ranks_high(
-    name: str, self_influence_context: MethodContext, self_query_positions: tuple[int, ...]
+    name: str, self_ctx: MethodContext, self_query_positions: tuple[int, ...]
 ) -> None:
     method = _build(name)
     if method.kind != "scores":
         pytest.skip(f"{name} gives no per-example scores")
     if not method.knows_self_influence:
         pytest.skip(f"{name} does not claim to rank a query's own training example high")
-    scores = method.score(self_influence_context)  # [n_self, n_train]
-    n_train = self_influence_context.n_train
+    scores = method.score(self_ctx)  # [n_self, n_train]
+    n_train = self_ctx.n_train
     ranks = np.array(
         [int((row > row[j]).sum()) for row, j in zip(scores, self_query_positions, strict=True)]
     )  # 0 = the highest score of its row
