@@ -1153,8 +1153,18 @@ def image_for_display(image: np.ndarray) -> np.ndarray:
     return x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
 
 
+def _image_caption(score: float, label: str | None) -> str:
+    """The text under a training image: its (shortened) label over its score."""
+    return f"{score:.2g}" if label is None else f"{_short(label, 14)}\n{score:.2g}"
+
+
 def influence_grid_figure(
-    query_images: np.ndarray, train_images: np.ndarray, scores: np.ndarray, *, k: int = 5
+    query_images: np.ndarray,
+    train_images: np.ndarray,
+    scores: np.ndarray,
+    *,
+    k: int = 5,
+    train_labels: Sequence[str] | None = None,
 ) -> Figure:
     """The figure of :func:`plot_influence_grid` (same arguments, no output path).
 
@@ -1163,6 +1173,8 @@ def influence_grid_figure(
         train_images: ``# [N, C, H, W]`` in [-1, 1].
         scores: ``# [Q, N]`` (or ``[N]`` for one query) attribution scores.
         k: training images per group.
+        train_labels: ``N`` names (e.g. file names) shown above each image's score; None shows
+            the score only.
 
     Returns:
         The figure (not managed by pyplot).
@@ -1183,6 +1195,8 @@ def influence_grid_figure(
             f"scores must be [n_queries, n_train] = {(queries.shape[0], train.shape[0])}, "
             f"got {sc.shape}."
         )
+    if train_labels is not None and len(train_labels) != train.shape[0]:
+        raise ValueError(f"train_labels has {len(train_labels)} names for {train.shape[0]} images.")
     groups = ("Top influences", "Most negative", "Most neutral")
     gap = 0.25
     ratios = [1.0] + [v for _ in groups for v in [gap] + [1.0] * k]
@@ -1213,7 +1227,7 @@ def influence_grid_figure(
                 ax.text(
                     0.5,
                     -0.08,
-                    f"{sc[q, j]:.2g}",
+                    _image_caption(sc[q, j], None if train_labels is None else train_labels[j]),
                     transform=ax.transAxes,
                     ha="center",
                     va="top",
@@ -1231,11 +1245,12 @@ def plot_influence_grid(
     out_path: str | Path,
     *,
     k: int = 5,
+    train_labels: Sequence[str] | None = None,
 ) -> Path:
     """Figure 1 style (a matplotlib image grid): each generated sample with its influences.
 
     Each sample's row shows its ``k`` top, most negative and most neutral training images
-    (:func:`select_influential`), the score under each image.
+    (:func:`select_influential`), the score (and the image's label, if given) under each image.
 
     Args:
         query_images: ``[Q, C, H, W]`` (or one ``[C, H, W]``) in [-1, 1], C = 1 or 3.
@@ -1243,8 +1258,12 @@ def plot_influence_grid(
         scores: ``[Q, N]`` (or ``[N]`` for one query) attribution scores.
         out_path: PNG path to write.
         k: training images per group.
+        train_labels: ``N`` names (e.g. file names) shown under the images; None: none.
 
     Returns:
         ``out_path``.
     """
-    return _save(influence_grid_figure(query_images, train_images, scores, k=k), out_path)
+    figure = influence_grid_figure(
+        query_images, train_images, scores, k=k, train_labels=train_labels
+    )
+    return _save(figure, out_path)

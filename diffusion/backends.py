@@ -276,6 +276,8 @@ def load_pretrained(
     scheduler = diffusers.DDPMScheduler.from_pretrained(str(scheduler_dir), local_files_only=True)
     schedule = schedule_from_scheduler_config(scheduler.config)
     _check_schedule(schedule, scheduler.alphas_cumprod)
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    unet = diffusers.UNet2DModel.from_pretrained(
+        str(unet_dir), local_files_only=True, low_cpu_mem_usage=False
+    )
     model = DiffusersDenoiser(DiffusersUNetConfig(dict(unet.config)), unet)
     return model.to(device).eval(), schedule
