@@ -39,6 +39,10 @@ def _lds_command(cache: Path, out: Path) -> list[str]:
         "--no-progress",
         "--threads",
         "1",
+        # in-process: the kill must stop every trainer (an orphaned pool worker would finish
+        # its model after the kill, and the resumed run could train the same one again)
+        "--executor",
+        "local",
     ]
 
 
