@@ -20,6 +20,7 @@ import pandas as pd
 
 from benchmarks import lds
 from benchmarks.cli import DEFAULT_CACHE_DIR, nest_overrides, parse_key_values, usage_errors
+from benchmarks.errors import UsageError
 from benchmarks.io import atomic_write_text
 from benchmarks.lds import LDSConfig
 from benchmarks.metrics import overlaps_leader
@@ -176,6 +177,7 @@ def run(
     *,
     targets: tuple[str, ...] = DEFAULT_TARGETS,
     recompute_ground_truth: bool = False,
+    skip: tuple[str, ...] = (),
 ) -> Path:
     """Run the LDS of ``methods`` on ``preset`` and write ``leaderboard.md`` and the figures.
 
@@ -188,11 +190,19 @@ def run(
         overrides: setting overrides (``--set``), applied to the preset.
         targets: what the methods predict, one table and figure each.
         recompute_ground_truth: do not import the preset's shipped ground-truth bundle.
+        skip: registry names left out (e.g. the costly ablation variants in a CI budget); the
+            leaderboard's header names them.
 
     Returns:
         the path of ``leaderboard.md``.
     """
-    names = tuple(methods or available_methods())
+    names = tuple(m for m in (methods or available_methods()) if m not in skip)
+    unknown = sorted(set(skip) - set(available_methods()))
+    if unknown:
+        raise UsageError(
+            f"--skip {', '.join(unknown)}: not a registered method; "
+            f"registered: {', '.join(available_methods())}"
+        )
     result = lds.run(
         LDSConfig(
             methods=names,
@@ -208,7 +218,11 @@ def run(
     out_dir = Path(out)
     regime = result.regime.footer() if result.regime is not None else ""
     markdown = leaderboard_markdown(
-        result.summary, collect_provenance(), preset, notes=result.notes, regime=regime
+        result.summary,
+        collect_provenance(),
+        preset,
+        notes=[*result.notes, *_skipped_note(skip)],
+        regime=regime,
     )
     path = atomic_write_text(out_dir / "leaderboard.md", markdown)
     caveat = " (cannot rank methods)" if ranking_note(preset) else ""
@@ -222,6 +236,16 @@ def run(
         )
     print(f"wrote {path} and {out_dir / 'leaderboard.png'}")
     return path
+
+
+def _skipped_note(skip: tuple[str, ...]) -> list[str]:
+    """The header line naming the methods left out with ``--skip`` (none: no line)."""
+    if not skip:
+        return []
+    return [
+        f"Not run in this leaderboard (--skip): {', '.join(f'`{m}`' for m in skip)}; "
+        "the README's quick table has them."
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="restrict to these methods (default: every registered one)",
     )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="leave this method out (repeatable), e.g. a costly ablation variant in CI",
+    )
     parser.add_argument("--out", default="results", help="where leaderboard.md/png go")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -273,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             nest_overrides(parse_key_values(args.overrides, "--set")),
             targets=tuple(args.targets or DEFAULT_TARGETS),
             recompute_ground_truth=args.recompute_ground_truth,
+            skip=tuple(args.skip),
         )
     return 0
 

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from benchmarks import leaderboard
 from benchmarks.results import NOISE_CEILING_METHOD, result_row
@@ -104,3 +105,24 @@ def test_shows_the_paired_difference_to_the_best_similarity_baseline():
     assert rows["kfac"][5] == "+20.0 ± 10.0" and rows["random"][5] == "-15.0 ± 5.0"
     assert rows["pixel"][5] == "ref" and len(rows["clip"]) == len(rows["kfac"])
     assert "\nregime: line\n" in markdown
+
+
+def test_skip_leaves_methods_out_and_says_so(tiny_cache, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    out = tmp_path / "out"
+    monkeypatch.setattr(leaderboard, "available_methods", lambda: ["random", "pixel", "kfac"])
+    args = ["--preset", "smoke", *tiny_cli_args(), "--skip", "kfac", "--target", "loss"]
+    status = leaderboard.main(
+        [*args, "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
+    )
+    assert status == 0
+    markdown = (out / "leaderboard.md").read_text()
+    names = [r[1] for r in _table_rows(markdown)]
+    assert not any("`kfac`" in n for n in names) and any("`random`" in n for n in names)
+    assert "Not run in this leaderboard (--skip): `kfac`" in markdown.split("## Target")[0]
+    with pytest.raises(SystemExit) as exit_info:
+        leaderboard.main(
+            [*args[:-2], "--skip", "kfca", "--out", str(out), "--cache-dir", str(cache)]
+        )
+    assert exit_info.value.code == 2
