@@ -309,16 +309,27 @@ def _method_scores(
 
 
 def _random_plans(prepared: PreparedRetrain) -> list[RemovalPlan]:
-    """Uniformly random removals, one per (fraction, query), from the setting's seed."""
-    rng = np.random.default_rng(derived_seed(prepared.setting.seed, "random-removal"))
+    """Uniformly random removals, one per (fraction, query).
+
+    Each cell draws from its own seed, ``derived_seed(seed, "random-removal", fraction, query)``,
+    so a cell's removed set is the same whatever other fractions and queries the run includes
+    (as the LDS subsets are drawn per index).
+    """
     n_train = prepared.n_train
     return [
-        RemovalPlan(
-            RANDOM_REMOVAL, f, q, np.sort(rng.permutation(n_train)[prepared.n_removed(f) :])
-        )
+        RemovalPlan(RANDOM_REMOVAL, f, q, _random_kept(prepared, f, q, n_train))
         for f in prepared.fractions
         for q in range(prepared.setting.n_retrain_queries)
     ]
+
+
+def _random_kept(
+    prepared: PreparedRetrain, fraction: float, query: int, n_train: int
+) -> np.ndarray:
+    """``# [n_kept]`` sorted positions kept by the random removal of (fraction, query)."""
+    seed = derived_seed(prepared.setting.seed, "random-removal", float(fraction), int(query))
+    order = np.random.default_rng(seed).permutation(n_train)
+    return np.sort(order[prepared.n_removed(fraction) :])
 
 
 def retrain_cells(

@@ -8,6 +8,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ import torch
 from benchmarks import retrain
 from benchmarks.pipeline import (
     count_trainings,
+    derived_seed,
     get_base_model,
     get_queries,
     load_train_set,
@@ -191,3 +193,28 @@ def test_unchanged_model_gives_zero_delta_for_every_query(tmp_path, tiny_cache, 
     assert len(table) == 6  # random and random-removal, three queries each
     assert table["base"].nunique() == 3
     assert (table["delta_loss"] == 0.0).all(), table
+
+
+def test_a_random_removal_is_the_same_whatever_other_cells_the_run_has():
+    """Cell (fraction, query) draws from its own seed: asking for more fractions or queries
+    does not change it (the draw of the first version depended on the plan order)."""
+
+    def plans(fractions, n_queries):
+        setting = tiny_setting().replace(n_queries=4, n_retrain_queries=n_queries)
+        prepared = SimpleNamespace(
+            setting=setting,
+            fractions=fractions,
+            n_train=40,
+            n_removed=lambda f: max(1, round(f * 40)),
+        )
+        return {(p.fraction, p.query): p.kept for p in retrain._random_plans(prepared)}
+
+    small, large = plans((0.1,), 2), plans((0.02, 0.1), 4)
+    for key, kept in small.items():
+        np.testing.assert_array_equal(kept, large[key])
+    assert len(small[(0.1, 0)]) == 36 and len(large[(0.02, 0)]) == 39
+    assert not np.array_equal(large[(0.1, 0)], large[(0.1, 1)])  # queries differ
+    expected_order = np.random.default_rng(derived_seed(0, "random-removal", 0.1, 1)).permutation(
+        40
+    )
+    np.testing.assert_array_equal(large[(0.1, 1)], np.sort(expected_order[4:]))
