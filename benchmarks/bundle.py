@@ -56,7 +56,6 @@ from benchmarks.cli import (
     run_option_values,
     usage_errors,
 )
-from benchmarks.executors import make_executor
 from benchmarks.groundtruth import (
     DEFAULT_ENSEMBLE_SIZE,
     compute_ground_truth,
@@ -657,19 +656,13 @@ def compute(config: GroundTruthConfig) -> tuple[Setting, ArtifactStore, int, Sta
     experiment, stages = prepare_experiment(
         setting, device, config, with_trajectories=needs_trajectories(config.targets)
     )
-    executor = make_executor(
-        config.executor,
-        workers=config.workers,
-        ray_address=config.ray_address,
-        progress=config.progress,
-    )
     with stages.stage("ground_truth"):
         truth = compute_ground_truth(
             setting,
             experiment.store,
             config.targets,
             n_train=len(experiment.train_images),
-            executor=executor,
+            executor=experiment.executor,
             data_dir=config.data_dir,
             device=str(device),
         )

@@ -449,27 +449,100 @@ def run_ground_truth_task(task: GroundTruthTask) -> dict[str, np.ndarray]:
     Returns:
         target name -> ``# [n_queries]`` measurements.
     """
-    setting, store = task.setting, ArtifactStore(task.store_root)
-    device = torch.device(task.device)
-    train_set = load_train_set(setting, task.data_dir)
-    masks = subset_masks(len(train_set), setting)
-    positions = np.flatnonzero(masks[task.subset])
-    spec = model_spec(setting, "subset_model", positions, task.train_seed)
-    model_key = store.key("model", spec)
-    missing = _missing_targets(store, setting, model_key, task.targets)
+    train_set = load_train_set(task.setting, task.data_dir)
+    positions = np.flatnonzero(subset_masks(len(train_set), task.setting)[task.subset])
+    return train_measure_and_store(
+        task.setting,
+        ArtifactStore(task.store_root),
+        train_set.images,
+        positions,
+        task.train_seed,
+        task.targets,
+        torch.device(task.device),
+    )
+
+
+def train_measure_and_store(
+    setting: Setting,
+    store: ArtifactStore,
+    train_images: torch.Tensor,
+    positions: np.ndarray,
+    train_seed: int,
+    targets: Sequence[str],
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Measure the ``subset_model`` trained on ``positions`` with ``train_seed``; store it all.
+
+    The model is trained only when a target's measurement is not stored yet (``train_model``,
+    one model); each measurement is stored under :func:`measurement_spec` of the model's key.
+
+    Args:
+        setting: the benchmark setting (recipe, measurement protocol).
+        store: the artifact store read and written.
+        train_images: ``# [n_train, C, H, W]`` the full training set.
+        positions: ``# [n_kept]`` training-set positions the model trains on.
+        train_seed: its training seed.
+        targets: measurement names to record.
+        device: where to train and measure.
+
+    Returns:
+        target name -> ``# [n_queries]`` measurements.
+    """
+    model_key = store.key("model", model_spec(setting, "subset_model", positions, train_seed))
+    missing = _missing_targets(store, setting, model_key, targets)
     if missing:
         queries = _load_queries(store, setting, missing)
         model = get_or_train_model(
-            setting,
-            store,
-            train_set.images,
-            positions,
-            task.train_seed,
-            "subset_model",
-            device=device,
+            setting, store, train_images, positions, train_seed, "subset_model", device=device
         )
         _measure_and_store(store, setting, model, model_key, missing, queries, device)
-    return _load_measurements(store, setting, model_key, task.targets)
+    return _load_measurements(store, setting, model_key, targets)
+
+
+@dataclass(frozen=True)
+class OracleTask:
+    """One model of the exact-retraining oracle (picklable: runs on any executor).
+
+    Attributes:
+        setting: the benchmark setting.
+        store_root: artifact store path every worker can reach.
+        data_dir: where CIFAR lives, if needed.
+        positions: training-set positions the model trains on (one subset of the LDS).
+        seed: the oracle's seed of that subset (``ExactRetraining.subset_seed``); the model's
+            training seed is :func:`oracle_seed` of it, never a ground-truth seed.
+        target: the measurement recorded, with the ground truth's protocol.
+        device: device string for training and measuring.
+    """
+
+    setting: Setting
+    store_root: str
+    data_dir: str | None
+    positions: tuple[int, ...]
+    seed: int
+    target: str
+    device: str = "cpu"
+
+
+def oracle_seed(setting: Setting, seed: int) -> int:
+    """The training seed of the oracle's model with seed ``seed`` (a 63-bit derived seed)."""
+    return derived_seed(setting.seed, "oracle", int(seed))
+
+
+def run_oracle_task(task: OracleTask) -> np.ndarray:
+    """Train (or load) one oracle model and measure it like the ground truth; all stored.
+
+    Returns:
+        ``# [n_queries]`` its measurement of ``task.target``.
+    """
+    return train_measure_and_store(
+        task.setting,
+        ArtifactStore(task.store_root),
+        load_train_set(task.setting, task.data_dir).images,
+        np.asarray(task.positions, dtype=np.int64),
+        oracle_seed(task.setting, task.seed),
+        (task.target,),
+        torch.device(task.device),
+    )[task.target]
 
 
 def run_ensemble_task(task: EnsembleTask) -> tuple[dict[str, np.ndarray], ...]:

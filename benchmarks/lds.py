@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from benchmarks.bundle import import_for_run
 from benchmarks.cli import (
@@ -35,7 +34,6 @@ from benchmarks.cli import (
     run_option_values,
     usage_errors,
 )
-from benchmarks.executors import make_executor
 from benchmarks.groundtruth import GroundTruth, compute_ground_truth
 from benchmarks.metrics import (
     bootstrap_interval,
@@ -266,26 +264,6 @@ def _measurement_names(config: LDSConfig) -> tuple[str, ...]:
     return (*config.targets, *([config.measurement] if config.measurement else []))
 
 
-def _ground_truth(
-    config: LDSConfig, setting: Setting, store: ArtifactStore, n_train: int, device: torch.device
-) -> GroundTruth:
-    executor = make_executor(
-        config.executor,
-        workers=config.workers,
-        ray_address=config.ray_address,
-        progress=config.progress,
-    )
-    return compute_ground_truth(
-        setting,
-        store,
-        config.targets,
-        n_train=n_train,
-        executor=executor,
-        data_dir=config.data_dir,
-        device=str(device),
-    )
-
-
 def prepare(config: LDSConfig) -> PreparedRun:
     """Validate the input, then get (train or load) the data, base model, queries, ground truth.
 
@@ -313,8 +291,14 @@ def prepare(config: LDSConfig) -> PreparedRun:
         setting, device, config, with_trajectories=needs_trajectories(_measurement_names(config))
     )
     with stages.stage("ground_truth"):
-        truth = _ground_truth(
-            config, setting, experiment.store, len(experiment.train_images), device
+        truth = compute_ground_truth(
+            setting,
+            experiment.store,
+            config.targets,
+            n_train=len(experiment.train_images),
+            executor=experiment.executor,
+            data_dir=config.data_dir,
+            device=str(device),
         )
     with stages.stage("regime"):
         held_out = load_held_out_set(setting, config.data_dir)

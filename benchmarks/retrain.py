@@ -30,7 +30,7 @@ from benchmarks.cli import (
     run_option_values,
     usage_errors,
 )
-from benchmarks.executors import TaskOutcome, make_executor, raise_failures
+from benchmarks.executors import TaskOutcome, raise_failures
 from benchmarks.groundtruth import get_or_train_model
 from benchmarks.io import atomic_write_text
 from benchmarks.pipeline import (
@@ -358,13 +358,7 @@ def retrain_cells(
         )
         for plan in plans
     ]
-    executor = make_executor(
-        config.executor,
-        workers=config.workers,
-        ray_address=config.ray_address,
-        progress=config.progress,
-    )
-    return executor.map(
+    return prepared.experiment.executor.map(
         run_retrain_task, tasks, [p.key for p in plans], desc="retraining without top"
     )
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,12 @@ import torch
 
 from benchmarks.cli import RunOptions
 from benchmarks.errors import UsageError
-from benchmarks.groundtruth import get_or_train_model
+from benchmarks.executors import make_executor, raise_failures
+from benchmarks.groundtruth import OracleTask, get_or_train_model, oracle_seed, run_oracle_task
 from benchmarks.io import bytes_digest
 from benchmarks.pipeline import (
     QuerySet,
     base_model_spec,
-    derived_seed,
     get_base_model,
     get_queries,
     load_train_set,
@@ -56,6 +57,9 @@ class Experiment:
         provenance: the run's provenance (commit, dirty flag, versions, device) collected when
             the run started (``collect_provenance``), so that the record names the code that
             ran, not the code checked out when it finished; None: collected when written.
+        executor: where retraining tasks run (``benchmarks.executors``: the ground truth, the
+            exact-retraining oracle, Figure 3's models); None: in this process.
+        data_dir: where CIFAR lives, for tasks that load the training set themselves.
     """
 
     setting: Setting
@@ -66,6 +70,8 @@ class Experiment:
     device: torch.device
     progress: bool = True
     provenance: Mapping[str, Any] | None = None
+    executor: Any = None
+    data_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -218,8 +224,23 @@ def prepare_experiment(
         )
         if with_trajectories:
             get_queries(setting, store, model, device=device, progress=False)
+    executor = make_executor(
+        options.executor,
+        workers=options.workers,
+        ray_address=options.ray_address,
+        progress=options.progress,
+    )
     experiment = Experiment(
-        setting, store, model, train_set.images, queries, device, options.progress, provenance
+        setting,
+        store,
+        model,
+        train_set.images,
+        queries,
+        device,
+        options.progress,
+        provenance,
+        executor,
+        options.data_dir,
     )
     return experiment, stages
 
@@ -255,7 +276,7 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
             store,
             experiment.train_images,
             np.asarray(positions),
-            derived_seed(setting.seed, "oracle", int(seed)),
+            oracle_seed(setting, seed),
             "subset_model",
             device=experiment.device,
         )
@@ -285,10 +306,58 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
         train_spec=base_model_spec(setting),
         train_fn=train_fn,
         measure_fn=measure_fn,
+        retrain_many=(
+            None
+            if experiment.executor is None
+            else partial(retrain_and_measure_many, experiment, target)
+        ),
         grad_samples=setting.grad_mc_samples,
         fit_samples=setting.kfac_mc_samples,
         query_samples=setting.query_grad_mc_samples,
         progress=experiment.progress,
+    )
+
+
+def retrain_and_measure_many(
+    experiment: Experiment, target: str, tasks: Sequence[tuple[torch.Tensor, int]]
+) -> np.ndarray:
+    """The oracle's models on the experiment's executor: ``MethodContext.retrain_many``.
+
+    Each ``(positions, seed)`` is one :class:`benchmarks.groundtruth.OracleTask`: the
+    ``subset_model`` trained on ``positions`` with ``oracle_seed(setting, seed)``, measured on
+    ``target`` with the ground truth's protocol, model and measurement stored (a killed run
+    resumes per model). Bitwise what ``measure_fn(train_fn(positions, seed))`` gives.
+
+    Args:
+        experiment: its setting, store, device and executor; the tasks load the training set
+            themselves (``load_train_set``), so ``experiment.train_images`` must be the
+            setting's, as :func:`prepare_experiment` makes it.
+        target: the measurement recorded.
+        tasks: ``(# [n_kept] training positions, oracle seed)`` per subset.
+
+    Returns:
+        ``# [n_tasks, n_queries]`` float64.
+
+    Raises:
+        TaskFailedError: naming the failed tasks, after the others completed.
+    """
+    oracle_tasks = [
+        OracleTask(
+            experiment.setting,
+            str(experiment.store.root),
+            experiment.data_dir,
+            tuple(int(p) for p in np.asarray(positions)),
+            int(seed),
+            target,
+            str(experiment.device),
+        )
+        for positions, seed in tasks
+    ]
+    keys = [f"oracle seed={t.seed}" for t in oracle_tasks]
+    outcomes = experiment.executor.map(run_oracle_task, oracle_tasks, keys, desc="exact retraining")
+    raise_failures(outcomes)
+    return np.stack([np.asarray(o.value, dtype=np.float64) for o in outcomes]).reshape(
+        len(tasks), experiment.queries.images.shape[0]
     )
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,6 +93,11 @@ class MethodContext:
         measure_fn: ``model -> # [n_queries]`` the ground truth's measurement protocol (same
             measurement, MC sample count and common random numbers), so that the oracle
             measures retrained models exactly as the ground truth does. None when not offered.
+        retrain_many: ``[(train_positions, seed), ...] -> # [n_tasks, n_queries]``: retrains
+            and measures many subsets at once, each as ``measure_fn(train_fn(positions,
+            seed))`` would, on the run's executor (a process pool over every core, Ray),
+            resuming from the store. None: the oracle loops over ``train_fn`` and
+            ``measure_fn`` in this process.
         grad_samples: Monte Carlo (t, eps) samples per example for training-loss and
             measurement gradients, the setting's value (App. G.3: 250 on CIFAR). A method's own
             config field, when set, takes precedence.
@@ -113,6 +119,7 @@ class MethodContext:
     train_spec: Mapping[str, Any] = field(default_factory=dict)
     train_fn: Callable[[torch.Tensor, int], nn.Module] | None = None
     measure_fn: Callable[[nn.Module], torch.Tensor] | None = None
+    retrain_many: Callable[[Sequence[tuple[torch.Tensor, int]]], np.ndarray] | None = None
     grad_samples: int = 250
     fit_samples: int = 250
     query_samples: int = 250

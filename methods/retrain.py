@@ -50,7 +50,9 @@ class ExactRetraining(AttributionMethod):
 
     Needs ``ctx.train_fn`` (``(kept positions, seed) -> model``) and ``ctx.measure_fn``
     (``model -> # [n_queries]``, the ground truth's measurement protocol); raises
-    :class:`MethodUnavailableError` when the runner does not provide them.
+    :class:`MethodUnavailableError` when the runner does not provide them. The subsets are
+    retrained through ``ctx.retrain_many`` when the runner offers it (its executor: every core,
+    or Ray), else one after another here.
     """
 
     Config: ClassVar[type] = ExactRetrainingConfig
@@ -83,15 +85,36 @@ class ExactRetraining(AttributionMethod):
                 f"masks must be a bool array [n_subsets, n_train={ctx.n_train}], got "
                 f"{masks.dtype} {masks.shape}"
             )
-        out = np.empty((masks.shape[0], ctx.n_queries), dtype=np.float64)
-        for i in tqdm(range(masks.shape[0]), desc="retrain subsets", disable=not ctx.progress):
-            kept = torch.from_numpy(np.flatnonzero(masks[i])).long()  # [n_kept]
-            model = ctx.train_fn(kept, self.subset_seed(i))
-            values = torch.as_tensor(ctx.measure_fn(model)).detach().to("cpu", torch.float64)
-            if values.shape != (ctx.n_queries,):
-                raise ValueError(
-                    f"measure_fn returned shape {tuple(values.shape)}, expected "
-                    f"[n_queries] = [{ctx.n_queries}]"
-                )
-            out[i] = values.numpy()
+        tasks = [
+            (torch.from_numpy(np.flatnonzero(masks[i])).long(), self.subset_seed(i))  # [n_kept]
+            for i in range(masks.shape[0])
+        ]
+        if not tasks:
+            return np.empty((0, ctx.n_queries), dtype=np.float64)
+        if ctx.retrain_many is not None:
+            out = np.asarray(ctx.retrain_many(tasks), dtype=np.float64)
+        else:
+            out = np.stack(
+                [
+                    _retrain_and_measure(ctx, kept, seed)
+                    for kept, seed in tqdm(tasks, desc="retrain subsets", disable=not ctx.progress)
+                ]
+            )
+        if out.shape != (masks.shape[0], ctx.n_queries):
+            raise ValueError(
+                f"the retrained models' measurements have shape {out.shape}, expected "
+                f"[n_subsets, n_queries] = [{masks.shape[0]}, {ctx.n_queries}]"
+            )
         return out
+
+
+def _retrain_and_measure(ctx: MethodContext, kept: torch.Tensor, seed: int) -> np.ndarray:
+    """``# [n_queries]`` ``ctx.measure_fn(ctx.train_fn(kept, seed))`` as float64."""
+    values = torch.as_tensor(ctx.measure_fn(ctx.train_fn(kept, seed)))
+    values = values.detach().to("cpu", torch.float64)
+    if values.shape != (ctx.n_queries,):
+        raise ValueError(
+            f"measure_fn returned shape {tuple(values.shape)}, expected "
+            f"[n_queries] = [{ctx.n_queries}]"
+        )
+    return values.numpy()

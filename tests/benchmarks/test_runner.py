@@ -162,3 +162,42 @@ def test_prepare_run_checks_each_option_belongs_to_a_selected_method(restore_thr
     assert "random: (none)" in str(info.value)
     with pytest.raises(UnknownMethodError, match="kfca"):
         check_options({"damping": 1.0}, ("kfca",))
+
+
+def test_the_oracle_on_a_process_pool_equals_its_in_process_loop_and_resumes(tiny_cache, tmp_path):
+    """Exact retraining through ``MethodContext.retrain_many`` (the experiment's executor, here
+    a 2-process pool) gives bitwise the predictions of the in-process loop over ``train_fn`` and
+    ``measure_fn`` (no executor). Every oracle model and measurement is stored under its own key:
+    predicting one more subset afterwards trains one model."""
+    import shutil
+
+    from benchmarks.executors import PoolExecutor
+    from benchmarks.groundtruth import subset_masks
+    from benchmarks.pipeline import count_trainings
+
+    def oracle(experiment, masks):
+        run = run_method(experiment, "retrain", {}, measurement="loss", target="loss", masks=masks)
+        assert run.status == "ok", run.reason
+        return run.predictions
+
+    predictions = {}
+    for name, executor in (("loop", None), ("pool", PoolExecutor(workers=2, progress=False))):
+        root = tmp_path / name
+        shutil.copytree(tiny_cache, root)
+        setting, store = tiny_setting(), ArtifactStore(root)
+        train_set = load_train_set(setting)
+        model = get_base_model(setting, store, train_set, device=CPU, progress=False)
+        queries = get_queries(setting, store, model, device=CPU, progress=False)
+        experiment = Experiment(
+            setting, store, model, train_set.images, queries, CPU, False, None, executor
+        )
+        masks = subset_masks(len(train_set), setting)
+        before = count_trainings(store)
+        predictions[name] = oracle(experiment, masks[:3])
+        assert count_trainings(store) - before == 3
+        if executor is not None:
+            more = oracle(experiment, masks[:4])
+            assert count_trainings(store) - before == 4
+            np.testing.assert_array_equal(more[:3], predictions[name])
+    assert predictions["loop"].shape == (3, 2)
+    np.testing.assert_array_equal(predictions["pool"], predictions["loop"])
