@@ -47,6 +47,7 @@ from benchmarks.results import (
     load_influence_examples,
     load_model_correlation,
     load_results,
+    ranking_note,
     validate_summary,
 )
 from datasets import DatasetUnavailableError, load_dataset
@@ -86,7 +87,7 @@ def _damping_text(value: float) -> str:
 
 
 def summary_markdown(summary_df: pd.DataFrame) -> str:
-    """Every summary row as a Markdown table (LDS in percent)."""
+    """Every summary row as a Markdown table (LDS in percent), under :func:`_ranking_header`."""
     df = validate_summary(summary_df)
     rows = pd.DataFrame(
         {
@@ -108,7 +109,7 @@ def summary_markdown(summary_df: pd.DataFrame) -> str:
             ],
         }
     )
-    return markdown_table(rows)
+    return _ranking_header(df) + markdown_table(rows)
 
 
 def lds_markdown(
@@ -168,7 +169,17 @@ def lds_markdown(
         rows.append(row)
     notes = [_similarity_note(references)] if references else []
     text = markdown_table(pd.DataFrame(rows))
-    return text + "".join(f"\n{line}\n" for line in [*notes, *footer])
+    return _ranking_header(df) + text + "".join(f"\n{line}\n" for line in [*notes, *footer])
+
+
+def _ranking_header(summary_df: pd.DataFrame) -> str:
+    """The bold :func:`benchmarks.results.ranking_note` of each plumbing preset in the table.
+
+    Empty when no row comes from a plumbing preset (smoke): its LDS cannot rank methods, and
+    every table made from it says so first.
+    """
+    notes = [ranking_note(p) for p in dict.fromkeys(summary_df["preset"])]
+    return "".join(f"**{note}**\n\n" for note in notes if note)
 
 
 def _similarity_references(summary: pd.DataFrame, target: str) -> list[str]:
@@ -522,6 +533,8 @@ def _build_lds_figures(
                     out_dir / f"fig2_lds_{slug}.{tag}.png",
                     target=target,
                     default_damping=defaults,
+                    title=f"LDS, target: {target}"
+                    + (f" ({preset}: cannot rank methods)" if ranking_note(preset) else ""),
                 ),
                 atomic_write_text(
                     out_dir / f"lds_{slug}.{tag}.md", lds_markdown(df, target, defaults, footer)

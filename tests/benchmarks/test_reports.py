@@ -270,6 +270,22 @@ def test_lds_markdown_shows_best_and_default():
     assert "noise ceiling" in lines
 
 
+def test_every_markdown_table_of_a_plumbing_preset_says_first_that_it_cannot_rank_methods():
+    smoke = _summary(np.random.default_rng(4))
+    quick = smoke.assign(preset="quick")
+    for table in (
+        reports.lds_markdown(smoke, "loss", {"kfac": 1e-8}),
+        reports.summary_markdown(smoke),
+    ):
+        first = table.splitlines()[0]
+        assert first.startswith("**preset smoke is a plumbing check") and "cannot rank" in first
+    for table in (
+        reports.lds_markdown(quick, "loss", {"kfac": 1e-8}),
+        reports.summary_markdown(quick),
+    ):
+        assert "cannot rank" not in table and table.startswith("|")
+
+
 def test_npz_inputs_round_trip(tmp_path):
     a, b = np.arange(3.0), np.arange(3.0) + 1
     results.save_model_correlation(
