@@ -159,6 +159,20 @@ _BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC
         display_name="D-TRAK",
     ),
     MethodEntry(
+        "trak-ensemble",
+        "methods.trak_ensemble:TRAKEnsemble",
+        {},
+        "TRAK averaged over models trained on random halves (n_models, default 4)",
+        display_name="TRAK ensemble",
+    ),
+    MethodEntry(
+        "dtrak-ensemble",
+        "methods.trak_ensemble:TRAKEnsemble",
+        {"output_function": "square-norm"},
+        "D-TRAK averaged over models trained on random halves (n_models, default 4)",
+        display_name="D-TRAK ensemble",
+    ),
+    MethodEntry(
         "das",
         "methods.das:DAS",
         {},

@@ -120,7 +120,7 @@ QUERY_STREAM = "trak-query"
 PROJECTION_STREAM = "trak-projection"
 """Seed stream of the random projection."""
 
-_MODEL_ID = 0  # one checkpoint: the base model
+_MODEL_ID = 0  # TRAK's one checkpoint (the base model); an ensemble's members are 0, 1, ...
 _FINALIZED_FILE = "finalized_lambda.json"
 
 
@@ -436,6 +436,16 @@ class TRAK(AttributionMethod):
 
     Config: ClassVar[type] = TRAKConfig
     invariant_config_fields: ClassVar[dict[str, tuple[Any, Any]]] = {"batch_size": (1, 7)}
+    features_independent_fields: ClassVar[tuple[str, ...]] = (
+        "damping",
+        "batch_size",
+        "proj_max_batch_size",
+        "sample_chunk",
+        "backend",
+        "query_samples",
+        "error_weighting",
+    )
+    """Config fields that do not change the projected training gradients: left out of their key."""
 
     # ---- availability ----------------------------------------------------------------------
 
@@ -465,8 +475,8 @@ class TRAK(AttributionMethod):
         """Options of :func:`methods.gradients.per_example_gradients` from the config."""
         return {"sample_chunk": self.config.sample_chunk, "backend": self.config.backend}
 
-    def _projector(self, n_params: int, device: torch.device, seed: int):
-        """(projector or None to let traker pick fast_jl, proj_dim)."""
+    def _projector(self, n_params: int, device: torch.device, seed: int, model_id: int):
+        """(projector or None to let traker pick fast_jl, proj_dim); model_id seeds as traker does."""
         cfg = self.config
         if cfg.projector == "identity":
             return NoOpProjector(device=device), n_params
@@ -494,11 +504,17 @@ class TRAK(AttributionMethod):
             device=device,
             block_size=block,
             dtype=torch.float32,
+            model_id=model_id,
         )
         return projector, proj_dim
 
     def _features_spec(
-        self, ctx: MethodContext, state: Mapping[str, torch.Tensor], proj_dim: int, device
+        self,
+        ctx: MethodContext,
+        state: Mapping[str, torch.Tensor],
+        proj_dim: int,
+        device,
+        model_id: int = _MODEL_ID,
     ) -> dict[str, Any]:
         """The key of the training features' work directory: training side only.
 
@@ -506,33 +522,25 @@ class TRAK(AttributionMethod):
         sizes and damping, the projection size, the training output function, S after the
         config's override, hflip, seed, device type, the base model and training set
         (``ctx.train_spec`` and their tensor fingerprints) and the schedule; never the queries.
+        A non-zero traker checkpoint id (an ensemble member's: its own projection) is added;
+        id 0 adds nothing, so TRAK's keys are those of its single-model versions.
 
         Args:
             ctx: the method context.
             state: the measured model's state dict (fingerprinted).
             proj_dim: the projection size in use (after capping at the parameter count).
             device: the compute device.
+            model_id: traker's checkpoint id of the model.
 
         Returns:
             The JSON-able spec (hashed into the work directory's key).
         """
         cfg = self.config
-        return {
+        spec = {
             "method": type(self).__name__.lower(),
             "traker": TRAK_VERSION,
             "config": {
-                k: v
-                for k, v in asdict(cfg).items()
-                if k
-                not in (
-                    "damping",
-                    "batch_size",
-                    "proj_max_batch_size",
-                    "sample_chunk",
-                    "backend",
-                    "query_samples",
-                    "error_weighting",
-                )
+                k: v for k, v in asdict(cfg).items() if k not in self.features_independent_fields
             },
             "proj_dim": proj_dim,
             "train_function": self._functions(ctx)[0],
@@ -546,14 +554,40 @@ class TRAK(AttributionMethod):
             "schedule": asdict(ctx.schedule),
             "train": dict(ctx.train_spec),
         }
+        if model_id != _MODEL_ID:
+            spec["model_id"] = model_id
+        return spec
 
     # ---- scoring ---------------------------------------------------------------------------
 
     def score(self, ctx: MethodContext) -> np.ndarray:
         """``# [n_queries, n_train]`` float64 TRAK scores (formula in the module docstring)."""
+        self._require_available()
+        return self._model_scores(ctx, ctx.model, _MODEL_ID)
+
+    def _require_available(self) -> None:
+        """Raise :class:`MethodUnavailableError` with the reason when :meth:`availability` says no."""
         available, reason = self.availability()
         if not available:
             raise MethodUnavailableError(reason)
+
+    def _model_scores(self, ctx: MethodContext, model: nn.Module, model_id: int) -> np.ndarray:
+        """``# [n_queries, n_train]`` float64 TRAK scores of one model, traker checkpoint ``model_id``.
+
+        The per-model path of TRAK (``model = ctx.model``, id 0) and of an ensemble's members
+        (:mod:`methods.trak_ensemble`): traker seeds the projection of checkpoint ``model_id``
+        with ``projector_seed + 10^5 * model_id`` (``BasicProjector``; ``10^4`` for fast_jl),
+        so each id has its own random projection, as in traker's multi-model runs.
+
+        Args:
+            ctx: the method context (data, queries, seed, cache); ``ctx.model`` is not used.
+            model: the model whose gradients are featurised and scored.
+            model_id: traker's checkpoint id (0 for TRAK's single model); part of the
+                features' key when non-zero.
+
+        Returns:
+            The scores, finite.
+        """
         cfg = self.config
         train_fn_name, query_fn_name = self._functions(ctx)
         if query_fn_name.startswith("trajectory-logprob") and ctx.query_trajectories is None:
@@ -565,7 +599,7 @@ class TRAK(AttributionMethod):
         n_train = ctx.n_train
         projector_seed = example_seed(ctx.seed, PROJECTION_STREAM, 0) % (2**30)
 
-        wrapper = _MeasuredModel(_copy_model(ctx.model, device)).to(device).eval()
+        wrapper = _MeasuredModel(_copy_model(model, device)).to(device).eval()
         state = wrapper.state_dict()
         n_params = sum(p.numel() for p in wrapper.parameters())
         if cfg.projector == "identity" and n_params > 20_000:
@@ -573,9 +607,9 @@ class TRAK(AttributionMethod):
                 f"projector='identity' builds a {n_params} x {n_params} system; it is meant for "
                 "small test models: use a random projection ('auto' or 'basic')"
             )
-        projector, proj_dim = self._projector(n_params, device, projector_seed)
+        projector, proj_dim = self._projector(n_params, device, projector_seed, model_id)
 
-        spec = self._features_spec(ctx, state, proj_dim, device)
+        spec = self._features_spec(ctx, state, proj_dim, device, model_id)
         lambda_reg = float(n_train * cfg.damping)
         batch_size = cfg.batch_size
         if projector is None:
@@ -603,22 +637,24 @@ class TRAK(AttributionMethod):
             computer.schedule = ctx.schedule
             computer.options = self._engine_options()
 
-            traker.load_checkpoint(state, model_id=_MODEL_ID)
+            traker.load_checkpoint(state, model_id=model_id)
             self._featurize(traker, ctx, batch_size, device)
 
             # ---- finalise: Phi (Phi^T Phi + lambda_reg I)^-1, redone if the damping changed ----
-            meta = traker.saver.model_ids[_MODEL_ID]
+            meta = traker.saver.model_ids[model_id]
             if meta["is_finalized"] != 1 or _read_finalized(save_dir) != lambda_reg:
                 meta["is_finalized"] = 0
                 with _quiet_traker_bars(ctx.progress):
-                    traker.finalize_features(model_ids=[_MODEL_ID])
+                    traker.finalize_features(model_ids=[model_id])
                 _write_finalized(save_dir, lambda_reg)
 
-            exp_name = self._score_queries(traker, ctx, state, query_fn_name, batch_size, device)
+            exp_name = self._score_queries(
+                traker, ctx, state, query_fn_name, batch_size, device, model_id
+            )
             with _quiet_traker_bars(ctx.progress):
-                raw = traker.finalize_scores(exp_name=exp_name, model_ids=[_MODEL_ID])
+                raw = traker.finalize_scores(exp_name=exp_name, model_ids=[model_id])
             scores = np.array(raw, dtype=np.float64).T  # [n_queries, n_train]
-            _drop_experiment_files(save_dir, exp_name)
+            _drop_experiment_files(save_dir, exp_name, model_id)
         if not np.all(np.isfinite(scores)):
             raise FloatingPointError(
                 "TRAK produced non-finite scores: increase the damping or check the model"
@@ -631,7 +667,7 @@ class TRAK(AttributionMethod):
         """Featurise the training examples not yet flagged (resumes a killed featurisation).
 
         Args:
-            traker: the TRAKer, with the base model's checkpoint loaded.
+            traker: the TRAKer, with the model's checkpoint loaded.
             ctx: the method context (training images, seed, hflip, sample counts).
             batch_size: examples per gradient batch.
             device: the compute device.
@@ -661,16 +697,18 @@ class TRAK(AttributionMethod):
         function: str,
         batch_size: int,
         device: torch.device,
+        model_id: int,
     ) -> str:
         """Project the queries' gradients into a new scoring experiment; returns its name.
 
         Args:
             traker: the TRAKer, features finalised.
             ctx: the method context (queries, their trajectories, seed, sample counts).
-            state: the base model's state dict (the scoring checkpoint).
+            state: the scored model's state dict (the scoring checkpoint).
             function: the query-side output function (a measurement name).
             batch_size: queries per gradient batch.
             device: the compute device.
+            model_id: traker's checkpoint id of the model.
 
         Returns:
             The experiment's name (pass it to ``finalize_scores``).
@@ -686,7 +724,7 @@ class TRAK(AttributionMethod):
         traker.gradient_computer.modelout_fn = DiffusionModelOutput(function, "query")
         traker.task = traker.gradient_computer.modelout_fn
         traker.start_scoring_checkpoint(
-            exp_name=exp_name, checkpoint=state, model_id=_MODEL_ID, num_targets=ctx.n_queries
+            exp_name=exp_name, checkpoint=state, model_id=model_id, num_targets=ctx.n_queries
         )
         trajectories = ctx.query_trajectories if function == "trajectory-logprob" else None
         n_queries = ctx.n_queries
@@ -773,10 +811,10 @@ def _quiet_traker_bars(progress: bool) -> Iterator[None]:
         traker_module.tqdm = original
 
 
-def _drop_experiment_files(save_dir: Path, exp_name: str) -> None:
+def _drop_experiment_files(save_dir: Path, exp_name: str, model_id: int) -> None:
     """Remove a finished experiment's memory maps (the scores are returned, not reused)."""
     for path in (
-        save_dir / str(_MODEL_ID) / f"{exp_name}_grads.mmap",
+        save_dir / str(model_id) / f"{exp_name}_grads.mmap",
         save_dir / "scores" / f"{exp_name}.mmap",
     ):
         path.unlink(missing_ok=True)
