@@ -122,7 +122,7 @@ class MethodEntry:
         return self.load()(self.config(**overrides))
 
 
-_BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC, the oracle
+_BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, unlearning, K-FAC, the oracle
     MethodEntry("random", "methods.baselines:RandomScores", {}, "seeded random scores"),
     MethodEntry(
         "pixel",
@@ -178,6 +178,13 @@ _BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, K-FAC
         {},
         "DAS: TRAK on the mean model output, scores weighted by normalised training error",
         display_name="DAS",
+    ),
+    MethodEntry(
+        "unlearn",
+        "methods.unlearn:Unlearn",
+        {},
+        "unlearning the query (Wang et al. 2024): Fisher-preconditioned ascent, loss increase",
+        display_name="Unlearning (Wang et al.)",
     ),
     MethodEntry(
         "grad-dot",
