@@ -122,7 +122,8 @@ class MethodEntry:
         return self.load()(self.config(**overrides))
 
 
-_BUILTINS: tuple[MethodEntry, ...] = (  # in table order: baselines, TRAK, unlearning, K-FAC, the oracle
+# in table order: baselines, TRAK, unlearning, K-FAC, the oracle
+_BUILTINS: tuple[MethodEntry, ...] = (
     MethodEntry("random", "methods.baselines:RandomScores", {}, "seeded random scores"),
     MethodEntry(
         "pixel",

@@ -1,5 +1,7 @@
-"""Attribution by unlearning the query (Wang et al., NeurIPS 2024, "Data Attribution for
-Text-to-Image Models by Unlearning Synthesized Images").
+"""Attribution by unlearning the query (Wang et al., NeurIPS 2024).
+
+"Data Attribution for Text-to-Image Models by Unlearning Synthesized Images"; their code:
+github.com/PeterWang512/AttributeByUnlearning (commit 191b6bf), cited by file and line below.
 
 Per query ``q``, on a copy of the base model:
 
