@@ -374,6 +374,27 @@ class _DampedScoreComputer(BasicScoreComputer):
             ) from error
 
 
+@dataclass(frozen=True)
+class _Session:
+    """A TRAKer whose training features are finalised, ready to score query experiments.
+
+    Attributes:
+        traker: the TRAKer (checkpoint ``model_id`` loaded, features finalised).
+        state: the scored model's state dict (the scoring checkpoint).
+        save_dir: traker's work directory.
+        batch_size: examples per gradient batch.
+        device: the compute device.
+        model_id: traker's checkpoint id of the model.
+    """
+
+    traker: TRAKer
+    state: Mapping[str, torch.Tensor]
+    save_dir: Path
+    batch_size: int
+    device: torch.device
+    model_id: int
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
@@ -515,6 +536,8 @@ class TRAK(AttributionMethod):
         proj_dim: int,
         device,
         model_id: int = _MODEL_ID,
+        *,
+        train_function: str | None = None,
     ) -> dict[str, Any]:
         """The key of the training features' work directory: training side only.
 
@@ -531,6 +554,8 @@ class TRAK(AttributionMethod):
             proj_dim: the projection size in use (after capping at the parameter count).
             device: the compute device.
             model_id: traker's checkpoint id of the model.
+            train_function: the training-side output function featurised; None: the
+                config's (:meth:`_functions`).
 
         Returns:
             The JSON-able spec (hashed into the work directory's key).
@@ -543,7 +568,7 @@ class TRAK(AttributionMethod):
                 k: v for k, v in asdict(cfg).items() if k not in self.features_independent_fields
             },
             "proj_dim": proj_dim,
-            "train_function": self._functions(ctx)[0],
+            "train_function": self._functions(ctx)[0] if train_function is None else train_function,
             "grad_samples": ctx.sample_counts(cfg).grad,
             "hflip": bool(ctx.hflip),
             "seed": ctx.seed,
@@ -588,13 +613,36 @@ class TRAK(AttributionMethod):
         Returns:
             The scores, finite.
         """
-        cfg = self.config
         train_fn_name, query_fn_name = self._functions(ctx)
         if query_fn_name.startswith("trajectory-logprob") and ctx.query_trajectories is None:
             raise ValueError(
                 "measurement 'trajectory-logprob' needs ctx.query_trajectories "
                 "[n_queries, T + 1, C, H, W]"
             )
+        with self._featurized(ctx, model, model_id, train_fn_name) as session:
+            return self._session_scores(session, ctx, query_fn_name)
+
+    @contextmanager
+    def _featurized(
+        self, ctx: MethodContext, model: nn.Module, model_id: int, train_function: str
+    ) -> Iterator[_Session]:
+        """A TRAKer with the training features of ``model`` featurised and finalised.
+
+        Featurises the examples not yet flagged in the work directory (keyed by
+        :meth:`_features_spec`), finalises ``Phi (Phi^T Phi + lambda_reg I)^-1`` (again when the
+        damping changed) and yields the session; any number of query experiments can then be
+        scored against it (:meth:`_session_scores`).
+
+        Args:
+            ctx: the method context (training data, seed, cache).
+            model: the model whose gradients are featurised.
+            model_id: traker's checkpoint id (seeds its projection).
+            train_function: the training-side output function (a measurement name).
+
+        Yields:
+            The :class:`_Session`; its work directory lives until the context exits.
+        """
+        cfg = self.config
         device = torch.device(ctx.device)
         n_train = ctx.n_train
         projector_seed = example_seed(ctx.seed, PROJECTION_STREAM, 0) % (2**30)
@@ -609,7 +657,9 @@ class TRAK(AttributionMethod):
             )
         projector, proj_dim = self._projector(n_params, device, projector_seed, model_id)
 
-        spec = self._features_spec(ctx, state, proj_dim, device, model_id)
+        spec = self._features_spec(
+            ctx, state, proj_dim, device, model_id, train_function=train_function
+        )
         lambda_reg = float(n_train * cfg.damping)
         batch_size = cfg.batch_size
         if projector is None:
@@ -618,7 +668,7 @@ class TRAK(AttributionMethod):
         with _work_dir(ctx.cache, _spec_hash(spec)) as save_dir:
             traker = TRAKer(
                 model=wrapper,
-                task=DiffusionModelOutput(train_fn_name, "train"),
+                task=DiffusionModelOutput(train_function, "train"),
                 train_set_size=n_train,
                 save_dir=str(save_dir),
                 load_from_save_dir=True,
@@ -647,14 +697,45 @@ class TRAK(AttributionMethod):
                 with _quiet_traker_bars(ctx.progress):
                     traker.finalize_features(model_ids=[model_id])
                 _write_finalized(save_dir, lambda_reg)
+            yield _Session(traker, state, save_dir, batch_size, device, model_id)
 
-            exp_name = self._score_queries(
-                traker, ctx, state, query_fn_name, batch_size, device, model_id
-            )
-            with _quiet_traker_bars(ctx.progress):
-                raw = traker.finalize_scores(exp_name=exp_name, model_ids=[model_id])
-            scores = np.array(raw, dtype=np.float64).T  # [n_queries, n_train]
-            _drop_experiment_files(save_dir, exp_name, model_id)
+    def _session_scores(
+        self,
+        session: _Session,
+        ctx: MethodContext,
+        function: str,
+        *,
+        images: torch.Tensor | None = None,
+        stream: str = QUERY_STREAM,
+    ) -> np.ndarray:
+        """``# [n_queries, n_train]`` float64 scores of one query experiment in ``session``.
+
+        Args:
+            session: the featurised TRAKer (:meth:`_featurized`).
+            ctx: the method context (queries, their trajectories, seed, sample counts).
+            function: the query-side output function (a measurement name).
+            images: ``# [n_queries, C, H, W]`` the images whose output is differentiated;
+                None: ``ctx.query_images``.
+            stream: the draws' stream (:func:`methods.gradients.example_seed`).
+
+        Returns:
+            The scores, finite.
+        """
+        exp_name = self._score_queries(
+            session.traker,
+            ctx,
+            session.state,
+            function,
+            session.batch_size,
+            session.device,
+            session.model_id,
+            images=images,
+            stream=stream,
+        )
+        with _quiet_traker_bars(ctx.progress):
+            raw = session.traker.finalize_scores(exp_name=exp_name, model_ids=[session.model_id])
+        scores = np.array(raw, dtype=np.float64).T  # [n_queries, n_train]
+        _drop_experiment_files(session.save_dir, exp_name, session.model_id)
         if not np.all(np.isfinite(scores)):
             raise FloatingPointError(
                 "TRAK produced non-finite scores: increase the damping or check the model"
@@ -698,6 +779,9 @@ class TRAK(AttributionMethod):
         batch_size: int,
         device: torch.device,
         model_id: int,
+        *,
+        images: torch.Tensor | None = None,
+        stream: str = QUERY_STREAM,
     ) -> str:
         """Project the queries' gradients into a new scoring experiment; returns its name.
 
@@ -709,17 +793,23 @@ class TRAK(AttributionMethod):
             batch_size: queries per gradient batch.
             device: the compute device.
             model_id: traker's checkpoint id of the model.
+            images: ``# [n_queries, C, H, W]`` the images differentiated (None:
+                ``ctx.query_images``).
+            stream: the draws' stream (:func:`methods.gradients.example_seed`).
 
         Returns:
             The experiment's name (pass it to ``finalize_scores``).
         """
+        images = ctx.query_images if images is None else images
         n_samples = ctx.sample_counts(self.config).query
         query_spec = {
-            "queries": tensor_fingerprint(ctx.query_images, named=True),
+            "queries": tensor_fingerprint(images, named=True),
             "function": function,
             "query_samples": n_samples,
             "seed": ctx.seed,
         }
+        if stream != QUERY_STREAM:
+            query_spec["stream"] = stream
         exp_name = "q" + _spec_hash(query_spec)
         traker.gradient_computer.modelout_fn = DiffusionModelOutput(function, "query")
         traker.task = traker.gradient_computer.modelout_fn
@@ -733,11 +823,11 @@ class TRAK(AttributionMethod):
         ]
         for inds in tqdm(batches, desc="TRAK queries", disable=not ctx.progress):
             batch = _gradient_batch(
-                ctx.query_images.detach(),
+                images.detach(),
                 inds,
                 n_samples=n_samples,
                 seed=ctx.seed,
-                stream=QUERY_STREAM,
+                stream=stream,
                 num_timesteps=ctx.schedule.num_timesteps,
                 hflip=False,  # the measurement is on the query as it appeared (App. G.8)
                 device=device,
