@@ -287,8 +287,11 @@ def prepare(config: LDSConfig) -> PreparedRun:
         bundle=config.ground_truth_bundle,
         recompute=config.recompute_ground_truth,
     )
+    with_trajectories = needs_trajectories(_measurement_names(config)) or any(
+        get_method(name).needs_query_trajectories for name in config.methods
+    )
     experiment, stages = prepare_experiment(
-        setting, device, config, with_trajectories=needs_trajectories(_measurement_names(config))
+        setting, device, config, with_trajectories=with_trajectories
     )
     with stages.stage("ground_truth"):
         truth = compute_ground_truth(

@@ -44,6 +44,9 @@ class AttributionMethod:
             method ranks that example among the most positive (influence methods,
             similarity baselines); False for ``random``.
         deterministic: True when a fixed ``ctx.seed`` gives identical scores.
+        needs_query_trajectories: True when the method reads ``ctx.query_trajectories`` whatever
+            the measurement (Journey-TRAK); the LDS runner then stores the queries with their
+            sampling trajectories (:attr:`methods.registry.MethodEntry.needs_query_trajectories`).
     """
 
     Config: ClassVar[type] = NoConfig
@@ -51,6 +54,7 @@ class AttributionMethod:
     invariant_config_fields: ClassVar[dict[str, tuple[Any, Any]]] = {}
     knows_self_influence: ClassVar[bool] = True
     deterministic: ClassVar[bool] = True
+    needs_query_trajectories: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None) -> None:
         if config is None:

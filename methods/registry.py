@@ -77,6 +77,11 @@ class MethodEntry:
         return (self.order is None, 0 if self.order is None else self.order, self.name)
 
     @property
+    def needs_query_trajectories(self) -> bool:
+        """Whether the method reads the queries' sampling trajectories (imports its module)."""
+        return bool(self.load().needs_query_trajectories)
+
+    @property
     def default_damping(self) -> float | None:
         """The damping this name runs with unless told otherwise.
 
@@ -172,6 +177,13 @@ _BUILTINS: tuple[MethodEntry, ...] = (
         {"output_function": "square-norm"},
         "D-TRAK averaged over models trained on random halves (n_models, default 4)",
         display_name="D-TRAK ensemble",
+    ),
+    MethodEntry(
+        "journey-trak",
+        "methods.journey_trak:JourneyTRAK",
+        {},
+        "Journey-TRAK: TRAK per sampling step on the query's trajectory, mean over steps",
+        display_name="Journey-TRAK",
     ),
     MethodEntry(
         "das",

@@ -107,6 +107,24 @@ class DictCache:
         return self.entries[key]
 
 
+def noising_trajectories(
+    images: torch.Tensor, schedule: NoiseSchedule, seed: int = 99
+) -> torch.Tensor:
+    """``# [n, T + 1, C, H, W]`` stand-in sampling trajectories that end at ``images``.
+
+    ``trajectory[:, k]`` (the sampler's layout: paper ``x_{T-k}``, the state denoised at code
+    timestep ``T - 1 - k``) is ``q_sample(image, T - 1 - k, eps)`` with one fixed noise per
+    image, and ``trajectory[:, T]`` is the image: tensor arithmetic, no model call, so the smoke
+    contexts carry trajectories (for Journey-TRAK) at no cost to the other methods.
+    """
+    num_t = schedule.num_timesteps
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    eps = eps.to(images.dtype)
+    t = torch.arange(num_t - 1, -1, -1)  # code timestep of each state k = 0 .. T-1
+    states = [schedule.q_sample(images, t[k].expand(images.shape[0]), eps) for k in range(num_t)]
+    return torch.stack([*states, images], dim=1)
+
+
 def _make_smoke_context(
     model: nn.Module | None = None, dtype: torch.dtype = torch.float32
 ) -> MethodContext:
@@ -136,6 +154,7 @@ def _make_smoke_context(
         schedule=schedule,
         train_images=train,
         query_images=queries,
+        query_trajectories=noising_trajectories(queries, schedule),
         measurement="loss",
         seed=0,
         device="cpu",
@@ -157,9 +176,11 @@ def smoke_context() -> MethodContext:
 
 
 def _self_influence(context: MethodContext) -> MethodContext:
+    queries = context.train_images[list(SELF_QUERIES)].clone()
     return replace(
         context,
-        query_images=context.train_images[list(SELF_QUERIES)].clone(),
+        query_images=queries,
+        query_trajectories=noising_trajectories(queries, context.schedule),
         grad_samples=64,
         fit_samples=8,
         query_samples=64,
