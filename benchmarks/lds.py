@@ -264,6 +264,13 @@ def _measurement_names(config: LDSConfig) -> tuple[str, ...]:
     return (*config.targets, *([config.measurement] if config.measurement else []))
 
 
+def _needs_trajectories(config: LDSConfig) -> bool:
+    """Whether the queries are stored with their trajectories: a measurement or a method needs them."""
+    return needs_trajectories(_measurement_names(config)) or any(
+        get_method(name).needs_query_trajectories for name in config.methods
+    )
+
+
 def prepare(config: LDSConfig) -> PreparedRun:
     """Validate the input, then get (train or load) the data, base model, queries, ground truth.
 
@@ -287,11 +294,8 @@ def prepare(config: LDSConfig) -> PreparedRun:
         bundle=config.ground_truth_bundle,
         recompute=config.recompute_ground_truth,
     )
-    with_trajectories = needs_trajectories(_measurement_names(config)) or any(
-        get_method(name).needs_query_trajectories for name in config.methods
-    )
     experiment, stages = prepare_experiment(
-        setting, device, config, with_trajectories=with_trajectories
+        setting, device, config, with_trajectories=_needs_trajectories(config)
     )
     with stages.stage("ground_truth"):
         truth = compute_ground_truth(
