@@ -31,6 +31,7 @@ from benchmarks.pipeline import (
     get_queries,
     load_train_set,
     measure_queries,
+    needs_trajectories,
     queries_spec,
     resolve_device,
 )
@@ -487,7 +488,9 @@ def run_method(
                 measurement=measurement,
                 target=target,
                 masks=masks,
-                with_trajectories=experiment.queries.trajectories is not None,
+                # the images are the same with or without stored trajectories: only a target
+                # that reads them keys on them (a journey-trak run keeps the oracle's entry)
+                with_trajectories=needs_trajectories((target,)),
             )
             predictions, seconds, peak = _subset_predictions(experiment, method, ctx, spec, masks)
         else:

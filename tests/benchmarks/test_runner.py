@@ -201,3 +201,40 @@ def test_the_oracle_on_a_process_pool_equals_its_in_process_loop_and_resumes(tin
             np.testing.assert_array_equal(more[:3], predictions[name])
     assert predictions["loop"].shape == (3, 2)
     np.testing.assert_array_equal(predictions["pool"], predictions["loop"])
+
+
+def test_the_oracle_entry_keys_on_trajectories_only_for_a_target_that_reads_them(
+    tiny_cache, tmp_path
+):
+    """A run whose queries carry trajectories (e.g. for journey-trak) stores the oracle's loss
+    predictions under the same key as a run without them (the images are the same), so a
+    shipped bundle's oracle entry is reused rather than retrained."""
+    import shutil
+
+    from benchmarks.groundtruth import subset_masks
+    from benchmarks.runner import subset_predictions_spec
+
+    shutil.copytree(tiny_cache, tmp_path / "c")
+    setting, store = tiny_setting(), ArtifactStore(tmp_path / "c")
+    train_set = load_train_set(setting)
+    model = get_base_model(setting, store, train_set, device=CPU, progress=False)
+    queries = get_queries(setting, store, model, device=CPU, progress=False, with_trajectories=True)
+    assert queries.trajectories is not None
+    experiment = Experiment(setting, store, model, train_set.images, queries, CPU, progress=False)
+    masks = subset_masks(len(train_set), setting)[:1]
+    run = run_method(experiment, "retrain", {}, measurement="loss", target="loss", masks=masks)
+    assert run.status == "ok", run.reason
+
+    def key(with_trajectories: bool) -> dict:
+        return subset_predictions_spec(
+            setting,
+            "retrain",
+            run.config,
+            measurement="loss",
+            target="loss",
+            masks=masks,
+            with_trajectories=with_trajectories,
+        )
+
+    assert store.exists("subset-predictions", key(False))
+    assert not store.exists("subset-predictions", key(True))
