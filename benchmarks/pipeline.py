@@ -25,6 +25,7 @@ from diffusion.measurements import MCDraws, draw_mc, measure_many, parse_measure
 from diffusion.sampling import sample
 from diffusion.train import TrainingCheckpoint, evenly_spaced_steps, train_model
 from diffusion.unet import UNet
+from methods import MethodUnavailableError
 
 TRAINING_LOG = "trainings.log"
 
@@ -188,6 +189,14 @@ def get_base_model(
     return get_or_train(store, "base-model", base_model_spec(setting), setting, train)
 
 
+class BaseCheckpointsMismatchError(MethodUnavailableError):
+    """Rerunning the base model's training here does not reproduce the stored base model.
+
+    Its checkpoints would be of another training, so the methods that need them (TracIn-CP)
+    are reported unavailable, with this message, rather than run on them.
+    """
+
+
 BASE_CHECKPOINTS_KIND = "base-checkpoints"
 """Artifact kind of the base model's training checkpoints (:func:`get_base_checkpoints`)."""
 
@@ -215,8 +224,9 @@ def get_base_checkpoints(
     Stored under :func:`base_checkpoints_spec`. When absent, the base model's training is rerun
     with its seed and recipe and the checkpoints are kept (:func:`diffusion.train.
     evenly_spaced_steps`: the last one is the trained model); its final weights must equal the
-    stored base model bitwise (else the checkpoints would be of another training: an error
-    says so), and become the base model when none is stored yet.
+    stored base model bitwise (else the checkpoints would be of another training:
+    :class:`BaseCheckpointsMismatchError`, which the runner reports as the method being
+    unavailable here), and become the base model when none is stored yet.
 
     Args:
         setting: the base model's U-Net config, training recipe, seed and schedule.
@@ -288,13 +298,13 @@ def _check_against_base_model(
         if name not in stored or not torch.equal(stored[name], value)
     ]
     if differing:
-        raise RuntimeError(
+        raise BaseCheckpointsMismatchError(
             f"rerunning the base model's training to save checkpoints did not reproduce the "
             f"stored base model ({store.path('base-model', spec)}): {len(differing)} tensors "
             f"differ, e.g. {differing[0]!r}. Training is bitwise reproducible only with the same "
-            "torch build, device and thread count; rerun where the base model was trained, or "
-            "use a fresh --cache-dir so that the base model and its checkpoints are trained "
-            "together"
+            "torch build, device and thread count (a base model imported from a ground-truth "
+            "bundle was trained elsewhere); rerun where the base model was trained, or use a "
+            "fresh --cache-dir so that the base model and its checkpoints are trained together"
         )
 
 
