@@ -23,8 +23,9 @@ from benchmarks.store import ArtifactStore
 from datasets import ImageDataset, load_dataset
 from diffusion.measurements import MCDraws, draw_mc, measure_many, parse_measurement
 from diffusion.sampling import sample
-from diffusion.train import train_model
+from diffusion.train import TrainingCheckpoint, evenly_spaced_steps, train_model
 from diffusion.unet import UNet
+from methods import MethodUnavailableError
 
 TRAINING_LOG = "trainings.log"
 
@@ -186,6 +187,139 @@ def get_base_model(
         )
 
     return get_or_train(store, "base-model", base_model_spec(setting), setting, train)
+
+
+class BaseCheckpointsMismatchError(MethodUnavailableError):
+    """Rerunning the base model's training here does not reproduce the stored base model.
+
+    Its checkpoints would be of another training, so the methods that need them (TracIn-CP)
+    are reported unavailable, with this message, rather than run on them.
+    """
+
+
+BASE_CHECKPOINTS_KIND = "base-checkpoints"
+"""Artifact kind of the base model's training checkpoints (:func:`get_base_checkpoints`)."""
+
+
+def base_checkpoints_spec(setting: Setting, n_checkpoints: int) -> dict:
+    """The artifact spec of the base model's ``n_checkpoints`` checkpoints.
+
+    The base model's spec (:func:`base_model_spec`) plus the count: the checkpoints of one count
+    are :func:`diffusion.train.evenly_spaced_steps` of the base model's training.
+    """
+    return {**base_model_spec(setting), "n_checkpoints": int(n_checkpoints)}
+
+
+def get_base_checkpoints(
+    setting: Setting,
+    store: ArtifactStore,
+    train_images: torch.Tensor,
+    n_checkpoints: int,
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> list[tuple[float, UNet]]:
+    """The base model's ``n_checkpoints`` evenly spaced training checkpoints (TracIn-CP).
+
+    Stored under :func:`base_checkpoints_spec`. When absent, the base model's training is rerun
+    with its seed and recipe and the checkpoints are kept (:func:`diffusion.train.
+    evenly_spaced_steps`: the last one is the trained model); its final weights must equal the
+    stored base model bitwise (else the checkpoints would be of another training:
+    :class:`BaseCheckpointsMismatchError`, which the runner reports as the method being
+    unavailable here), and become the base model when none is stored yet.
+
+    Args:
+        setting: the base model's U-Net config, training recipe, seed and schedule.
+        store: the artifact store.
+        train_images: ``# [n_train, C, H, W]`` the setting's training set
+            (:func:`load_train_set`).
+        n_checkpoints: how many checkpoints K, in ``[1, setting.train.steps]``.
+        device: where to train when the checkpoints are not stored.
+        progress: show a progress bar.
+
+    Returns:
+        K pairs ``(learning rate, model)``, in training order: each checkpoint's
+        ``TrainingCheckpoint.learning_rate`` and its weights in a U-Net on the CPU, in eval mode.
+    """
+    steps = evenly_spaced_steps(setting.train.steps, n_checkpoints)  # validates the count
+    spec = base_checkpoints_spec(setting, n_checkpoints)
+    if not store.exists(BASE_CHECKPOINTS_KIND, spec):
+        start = time.perf_counter()
+        checkpoints = _train_base_checkpoints(setting, train_images, steps, device, progress)
+        _check_against_base_model(setting, store, checkpoints[-1])
+        store.save_tensors(BASE_CHECKPOINTS_KIND, spec, _checkpoint_tensors(checkpoints))
+        log_training(store, store.key(BASE_CHECKPOINTS_KIND, spec), time.perf_counter() - start)
+    tensors = store.load_tensors(BASE_CHECKPOINTS_KIND, spec)
+    models = []
+    for k, lr in enumerate(tensors["learning_rate"].tolist()):
+        prefix = f"checkpoint{k}."
+        model = UNet(setting.unet)
+        weights = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
+        model.load_state_dict(weights)
+        models.append((float(lr), model.eval()))
+    return models
+
+
+def _train_base_checkpoints(
+    setting: Setting,
+    train_images: torch.Tensor,
+    steps: Sequence[int],
+    device: torch.device,
+    progress: bool,
+) -> list[TrainingCheckpoint]:
+    """The base model's training (its seed and recipe) rerun, with checkpoints after ``steps``."""
+    checkpoints: list[TrainingCheckpoint] = []
+    train_model(
+        train_images,
+        setting.unet,
+        setting.train,
+        seed=setting.seed,
+        schedule=setting.schedule,
+        device=device,
+        progress=progress,
+        checkpoint_steps=steps,
+        on_checkpoint=checkpoints.append,
+    )
+    return checkpoints
+
+
+def _check_against_base_model(
+    setting: Setting, store: ArtifactStore, final: TrainingCheckpoint
+) -> None:
+    """The final checkpoint is the stored base model bitwise; stored as it when none is."""
+    spec = base_model_spec(setting)
+    if not store.exists("base-model", spec):
+        store.save_state_dict("base-model", spec, final.state_dict)
+        return
+    stored = store.load_state_dict("base-model", spec)
+    differing = [
+        name
+        for name, value in final.state_dict.items()
+        if name not in stored or not torch.equal(stored[name], value)
+    ]
+    if differing:
+        raise BaseCheckpointsMismatchError(
+            f"rerunning the base model's training to save checkpoints did not reproduce the "
+            f"stored base model ({store.path('base-model', spec)}): {len(differing)} tensors "
+            f"differ, e.g. {differing[0]!r}. Training is bitwise reproducible only with the same "
+            "torch build, device and thread count (a base model imported from a ground-truth "
+            "bundle was trained elsewhere); rerun where the base model was trained, or use a "
+            "fresh --cache-dir so that the base model and its checkpoints are trained together"
+        )
+
+
+def _checkpoint_tensors(checkpoints: Sequence[TrainingCheckpoint]) -> dict[str, torch.Tensor]:
+    """One flat tensor dict: ``checkpoint{k}.<name>`` weights, ``step`` and ``learning_rate``."""
+    tensors = {
+        f"checkpoint{k}.{name}": value
+        for k, checkpoint in enumerate(checkpoints)
+        for name, value in checkpoint.state_dict.items()
+    }
+    tensors["step"] = torch.tensor([c.step for c in checkpoints], dtype=torch.int64)
+    tensors["learning_rate"] = torch.tensor(
+        [c.learning_rate for c in checkpoints], dtype=torch.float64
+    )
+    return tensors
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from benchmarks.io import bytes_digest
 from benchmarks.pipeline import (
     QuerySet,
     base_model_spec,
+    get_base_checkpoints,
     get_base_model,
     get_queries,
     load_train_set,
@@ -266,8 +267,9 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
 
     Returns:
         The context, with the store as cache (training-side entries keyed by the base model's
-        spec, ``pipeline.base_model_spec``) and the retraining and measuring oracles (the
-        oracle's models are ``subset_model`` models).
+        spec, ``pipeline.base_model_spec``), the retraining and measuring oracles (the
+        oracle's models are ``subset_model`` models) and the base model's training checkpoints
+        (``pipeline.get_base_checkpoints``, stored on first use).
     """
     setting, store = experiment.setting, experiment.store
 
@@ -307,6 +309,14 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
         train_spec=base_model_spec(setting),
         train_fn=train_fn,
         measure_fn=measure_fn,
+        checkpoints_fn=partial(
+            get_base_checkpoints,
+            setting,
+            store,
+            experiment.train_images,
+            device=experiment.device,
+            progress=experiment.progress,
+        ),
         retrain_many=(
             None
             if experiment.executor is None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet, UNetConfig
 
-__all__ = ["LR_SCHEDULES", "TrainConfig", "diffusion_loss", "learning_rate", "train_model"]
+__all__ = [
+    "LR_SCHEDULES",
+    "TrainConfig",
+    "TrainingCheckpoint",
+    "diffusion_loss",
+    "evenly_spaced_steps",
+    "learning_rate",
+    "train_model",
+]
 
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
@@ -119,6 +127,47 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class TrainingCheckpoint:
+    """The weights after some optimiser steps, as :func:`train_model` hands them out.
+
+    Attributes:
+        step: number of optimiser steps completed, in ``[1, steps]`` (``steps``: the final
+            model).
+        learning_rate: the learning rate of the last of those steps, ``learning_rate(config,
+            step - 1)``: the step size of the stretch of training that ends at this checkpoint.
+        state_dict: the model's weights at that point (detached float32 copies on the CPU).
+    """
+
+    step: int
+    learning_rate: float
+    state_dict: dict[str, torch.Tensor]
+
+
+def evenly_spaced_steps(steps: int, n_checkpoints: int) -> tuple[int, ...]:
+    """``n_checkpoints`` evenly spaced checkpoint steps ending at the final model.
+
+    Checkpoint ``k`` (0-indexed) is taken after ``(k + 1) * steps // n_checkpoints`` completed
+    steps, so the last one is the trained model (TracIn's checkpoints at the end of each
+    stretch of training, Pruthi et al. 2020).
+
+    Args:
+        steps: the training's optimiser steps (``TrainConfig.steps``).
+        n_checkpoints: how many checkpoints, in ``[1, steps]``.
+
+    Returns:
+        strictly increasing completed-step counts in ``[1, steps]``, the last one ``steps``.
+    """
+    if isinstance(n_checkpoints, bool) or not isinstance(n_checkpoints, int):
+        raise ValueError(f"n_checkpoints must be an int, got {n_checkpoints!r}")
+    if not 1 <= n_checkpoints <= steps:
+        raise ValueError(
+            f"n_checkpoints must be in [1, steps={steps}], got {n_checkpoints}: a checkpoint "
+            "needs at least one optimiser step of its own"
+        )
+    return tuple((k + 1) * steps // n_checkpoints for k in range(n_checkpoints))
+
+
 def diffusion_loss(
     model: nn.Module,
     schedule: NoiseSchedule,
@@ -196,6 +245,36 @@ def _check_images(images: torch.Tensor, config: UNetConfig) -> None:
         )
 
 
+def _check_checkpoint_steps(
+    checkpoint_steps: Sequence[int],
+    on_checkpoint: Callable[[TrainingCheckpoint], None] | None,
+    steps: int,
+) -> frozenset[int]:
+    """The requested checkpoint steps as a set, validated against ``steps``."""
+    wanted = list(checkpoint_steps)
+    for value in wanted:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= steps:
+            raise ValueError(
+                f"checkpoint_steps must hold ints in [1, steps={steps}] (completed steps), "
+                f"got {value!r}"
+            )
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"checkpoint_steps has repeated steps: {wanted}")
+    if wanted and on_checkpoint is None:
+        raise ValueError("checkpoint_steps needs on_checkpoint, which receives the checkpoints")
+    if not wanted and on_checkpoint is not None:
+        raise ValueError("on_checkpoint is given but checkpoint_steps is empty: no checkpoint")
+    return frozenset(wanted)
+
+
+def _checkpoint(model: nn.Module, step: int, lr: float) -> TrainingCheckpoint:
+    """Detached float32 CPU copies of ``model``'s weights after ``step`` completed steps."""
+    weights = {
+        name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()
+    }
+    return TrainingCheckpoint(step=step, learning_rate=float(lr), state_dict=weights)
+
+
 def train_model(
     images: torch.Tensor,
     unet_config: UNetConfig,
@@ -206,8 +285,14 @@ def train_model(
     device: str | torch.device = "cpu",
     progress: bool = False,
     init_model: UNet | None = None,
+    checkpoint_steps: Sequence[int] = (),
+    on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
 ) -> UNet:
     """Train a U-Net from scratch (or from a copy of ``init_model``) on ``images``.
+
+    Checkpoints (for TracIn-CP) are copies of the weights handed to ``on_checkpoint`` after the
+    steps listed in ``checkpoint_steps``; taking them draws no random number and changes no
+    weight, so the trained model is bitwise the same with and without them.
 
     Args:
         images: training set, [N, C, H, W], float in [-1, 1].
@@ -221,6 +306,11 @@ def train_model(
         progress: show a tqdm bar with the running loss.
         init_model: start from a deep copy of these weights instead of a fresh initialisation
             (``init_model`` itself is not modified).
+        checkpoint_steps: completed-step counts in ``[1, train_config.steps]`` after which to
+            hand a :class:`TrainingCheckpoint` to ``on_checkpoint`` (e.g.
+            :func:`evenly_spaced_steps`); empty: none.
+        on_checkpoint: receives each checkpoint, in step order; required iff
+            ``checkpoint_steps`` is not empty.
 
     Returns:
         the trained model, float32, in eval mode, on the CPU.
@@ -236,6 +326,7 @@ def train_model(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     _check_images(images, unet_config)
+    wanted = _check_checkpoint_steps(checkpoint_steps, on_checkpoint, train_config.steps)
     schedule = NoiseSchedule() if schedule is None else schedule
     device = torch.device(device)
 
@@ -282,6 +373,8 @@ def train_model(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
+                if step + 1 in wanted:
+                    on_checkpoint(_checkpoint(model, step + 1, lr))
                 if progress:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)

@@ -98,6 +98,10 @@ class MethodContext:
             seed))`` would, on the run's executor (a process pool over every core, Ray),
             resuming from the store. None: the oracle loops over ``train_fn`` and
             ``measure_fn`` in this process.
+        checkpoints_fn: ``K -> [(learning rate, model), ...]``: the base model's K evenly
+            spaced training checkpoints, in training order, the last one the trained model
+            (``diffusion.train.evenly_spaced_steps``), each with the learning rate of the step
+            that produced it; used by TracIn-CP. None when the runner does not offer them.
         grad_samples: Monte Carlo (t, eps) samples per example for training-loss and
             measurement gradients, the setting's value (App. G.3: 250 on CIFAR). A method's own
             config field, when set, takes precedence.
@@ -120,6 +124,7 @@ class MethodContext:
     train_fn: Callable[[torch.Tensor, int], nn.Module] | None = None
     measure_fn: Callable[[nn.Module], torch.Tensor] | None = None
     retrain_many: Callable[[Sequence[tuple[torch.Tensor, int]]], np.ndarray] | None = None
+    checkpoints_fn: Callable[[int], list[tuple[float, nn.Module]]] | None = None
     grad_samples: int = 250
     fit_samples: int = 250
     query_samples: int = 250

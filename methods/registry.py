@@ -127,7 +127,7 @@ class MethodEntry:
         return self.load()(self.config(**overrides))
 
 
-# in table order: baselines, TRAK, unlearning, K-FAC, the oracle
+# in table order: baselines, TRAK, unlearning, TracIn, K-FAC, the oracle
 _BUILTINS: tuple[MethodEntry, ...] = (
     MethodEntry("random", "methods.baselines:RandomScores", {}, "seeded random scores"),
     MethodEntry(
@@ -198,6 +198,13 @@ _BUILTINS: tuple[MethodEntry, ...] = (
         {},
         "unlearning the query (Wang et al. 2024): Fisher-preconditioned ascent, loss increase",
         display_name="Unlearning (Wang et al.)",
+    ),
+    MethodEntry(
+        "tracin",
+        "methods.tracin:TracIn",
+        {},
+        "TracIn-CP: learning-rate-weighted gradient dot products over K training checkpoints",
+        display_name="TracIn-CP",
     ),
     MethodEntry(
         "grad-dot",

@@ -20,7 +20,7 @@ from torch import nn
 from benchmarks import lds
 from benchmarks.bundle import bundle_fingerprint
 from benchmarks.groundtruth import ground_truth_seed, measurement_spec, model_spec, subset_masks
-from benchmarks.pipeline import QuerySet, base_model_spec, queries_spec
+from benchmarks.pipeline import QuerySet, base_checkpoints_spec, base_model_spec, queries_spec
 from benchmarks.runner import Experiment, build_method, method_context, subset_predictions_spec
 from benchmarks.settings import FINGERPRINT_PARTS, Setting
 from benchmarks.store import ArtifactStore, spec_key
@@ -31,6 +31,7 @@ from tests.benchmarks.tiny import TINY_OVERRIDES, tiny_setting
 ALL = frozenset(
     {
         "base-model",
+        "base-checkpoints",
         "queries",
         "subset-model",
         "retrain-model",
@@ -74,6 +75,7 @@ CHANGES: dict[str, tuple[object, frozenset[str]]] = {
 
 PARTS = {  # kind -> the fingerprint part its spec holds
     "base-model": "base_model",
+    "base-checkpoints": "base_model",  # the base model's spec plus the checkpoint count
     "queries": "queries",
     "subset-model": "subset_model",
     "retrain-model": "retrain_model",
@@ -122,6 +124,7 @@ def artifact_specs(setting: Setting) -> dict[str, dict]:
     subset_model = model_spec(setting, "subset_model", positions, ground_truth_seed(setting, 0, 0))
     return {
         "base-model": base_model_spec(setting),
+        "base-checkpoints": base_checkpoints_spec(setting, 4),
         "queries": queries_spec(setting, with_trajectories=False),
         "subset-model": subset_model,
         "retrain-model": model_spec(

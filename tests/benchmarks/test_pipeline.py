@@ -10,9 +10,14 @@ import torch
 from benchmarks import pipeline
 from benchmarks.groundtruth import get_or_train_model
 from benchmarks.pipeline import (
+    BASE_CHECKPOINTS_KIND,
+    BaseCheckpointsMismatchError,
     QuerySet,
+    base_checkpoints_spec,
+    base_model_spec,
     count_trainings,
     derived_seed,
+    get_base_checkpoints,
     get_base_model,
     get_queries,
     load_train_set,
@@ -21,6 +26,8 @@ from benchmarks.pipeline import (
 )
 from benchmarks.store import ArtifactStore
 from diffusion.measurements import measure_many
+from diffusion.train import evenly_spaced_steps, learning_rate
+from methods import MethodUnavailableError
 from tests.benchmarks.tiny import tiny_setting
 
 CPU = torch.device("cpu")
@@ -108,3 +115,51 @@ def test_get_or_train_model_trains_once_and_keep_false_stores_nothing(prepared):
     )
     assert count_trainings(store) == before + 2
     assert len(store.list("model")) == 1
+
+
+def test_base_checkpoints_are_the_base_training_and_stored_once(prepared):
+    setting, store, train_set, model, _ = prepared
+    before = count_trainings(store)
+    checkpoints = get_base_checkpoints(setting, store, train_set.images, 3, device=CPU)
+    assert count_trainings(store) == before + 1  # the base training rerun with checkpoints
+    again = get_base_checkpoints(setting, store, train_set.images, 3, device=CPU)
+    assert count_trainings(store) == before + 1  # loaded, not trained
+    steps = evenly_spaced_steps(setting.train.steps, 3)
+    assert steps == (4, 8, 12)
+    assert [lr for lr, _ in checkpoints] == [learning_rate(setting.train, s - 1) for s in steps]
+    for (lr, a), (lr_again, b) in zip(checkpoints, again, strict=True):
+        assert lr == lr_again
+        assert all(torch.equal(x, y) for x, y in zip(_weights(a), _weights(b), strict=True))
+    # the last checkpoint is the stored base model, the first one differs from it
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(_weights(checkpoints[-1][1]), _weights(model), strict=True)
+    )
+    assert not all(
+        torch.equal(x, y) for x, y in zip(_weights(checkpoints[0][1]), _weights(model), strict=True)
+    )
+    assert store.exists(BASE_CHECKPOINTS_KIND, base_checkpoints_spec(setting, 3))
+    assert base_checkpoints_spec(setting, 3)["setting"] == base_model_spec(setting)["setting"]
+    assert not store.exists(BASE_CHECKPOINTS_KIND, base_checkpoints_spec(setting, 2))
+
+
+def test_base_checkpoints_refuse_another_base_model(prepared, tmp_path):
+    setting, _, train_set, model, _ = prepared
+    store = ArtifactStore(tmp_path / "cache")
+    other = {name: value + 1 for name, value in model.state_dict().items()}
+    store.save_state_dict("base-model", base_model_spec(setting), other)
+    # a MethodUnavailableError: the runner reports TracIn as unavailable here, with this reason
+    assert issubclass(BaseCheckpointsMismatchError, MethodUnavailableError)
+    with pytest.raises(BaseCheckpointsMismatchError, match="did not reproduce the stored base"):
+        get_base_checkpoints(setting, store, train_set.images, 2, device=CPU)
+    assert not store.exists(BASE_CHECKPOINTS_KIND, base_checkpoints_spec(setting, 2))
+
+
+def test_base_checkpoints_store_the_base_model_when_absent(prepared, tmp_path):
+    setting, _, train_set, model, _ = prepared
+    store = ArtifactStore(tmp_path / "cache")
+    get_base_checkpoints(setting, store, train_set.images, 1, device=CPU, progress=False)
+    assert count_trainings(store) == 1
+    loaded = get_base_model(setting, store, train_set, device=CPU, progress=False)
+    assert count_trainings(store) == 1  # the checkpoints' training stored the base model
+    assert all(torch.equal(x, y) for x, y in zip(_weights(loaded), _weights(model), strict=True))

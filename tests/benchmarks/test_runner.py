@@ -3,24 +3,32 @@ input check every runner does first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.cli import UsageError
-from benchmarks.pipeline import get_base_model, get_queries, load_train_set
+from benchmarks.pipeline import (
+    count_trainings,
+    get_base_checkpoints,
+    get_base_model,
+    get_queries,
+    load_train_set,
+)
 from benchmarks.runner import (
     Experiment,
     build_method,
     check_options,
+    method_context,
     method_options,
     prepare_run,
     run_method,
 )
 from benchmarks.store import ArtifactStore
-from methods import AttributionMethod, UnknownMethodError
+from methods import AttributionMethod, UnknownMethodError, get_method
 from methods.registry import REGISTRY, register_method
 from tests.benchmarks.tiny import TINY_OVERRIDES, tiny_setting
 
@@ -106,6 +114,25 @@ def test_run_method_bad_config_is_a_failed_cell(experiment):
     )
     assert outcome.status == "failed" and outcome.config == {}
     assert outcome.reason.startswith("bad configuration:") and "seed_offset" in outcome.reason
+
+
+def test_tracin_runs_on_the_stored_base_checkpoints(experiment, tiny_cache, tmp_path):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    store = ArtifactStore(tmp_path / "cache")
+    writable = replace(experiment, store=store)
+    outcome = run_method(
+        writable, "tracin", {"n_checkpoints": 2}, measurement="loss", target="loss"
+    )
+    assert (outcome.status, outcome.reason) == ("ok", "")
+    trainings = count_trainings(store)
+    checkpoints = get_base_checkpoints(
+        experiment.setting, store, experiment.train_images, 2, device=CPU
+    )
+    assert count_trainings(store) == trainings  # stored by the run, reused here
+    ctx = method_context(writable, "loss", "loss")
+    grad_dot = get_method("grad-dot").build(quantize=None)
+    expected = sum(lr * 24 * grad_dot.score(replace(ctx, model=m)) for lr, m in checkpoints)
+    np.testing.assert_allclose(outcome.scores, expected, rtol=1e-10, atol=0)
 
 
 def test_build_method_ignores_options_its_config_lacks():

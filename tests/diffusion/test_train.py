@@ -14,8 +14,10 @@ from torch import nn
 from diffusion.schedule import NoiseSchedule
 from diffusion.train import (
     TrainConfig,
+    TrainingCheckpoint,
     _epoch_batches,
     diffusion_loss,
+    evenly_spaced_steps,
     learning_rate,
     train_model,
 )
@@ -225,3 +227,67 @@ def test_train_model_rejects_bad_inputs(digits_3_8) -> None:
     other = UNet(dataclasses.replace(TINY, base_channels=8))
     with pytest.raises(ValueError, match="init_model.config"):
         train_model(digits_3_8[:8], TINY, cfg, seed=0, init_model=other)
+
+
+def test_evenly_spaced_steps_end_at_the_final_model() -> None:
+    assert evenly_spaced_steps(12, 4) == (3, 6, 9, 12)
+    assert evenly_spaced_steps(10, 3) == (3, 6, 10)
+    assert evenly_spaced_steps(5, 1) == (5,)
+    assert evenly_spaced_steps(3, 3) == (1, 2, 3)
+    for bad in (0, 4, True):
+        with pytest.raises(ValueError, match="n_checkpoints"):
+            evenly_spaced_steps(3, bad)
+
+
+def _checkpointed(data, cfg, steps, seed=3) -> tuple[nn.Module, list[TrainingCheckpoint]]:
+    checkpoints: list[TrainingCheckpoint] = []
+    model = train_model(
+        data, TINY_DROPOUT, cfg, seed=seed, checkpoint_steps=steps, on_checkpoint=checkpoints.append
+    )
+    return model, checkpoints
+
+
+def test_checkpoints_leave_training_bitwise_unchanged(digits_3_8) -> None:
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, lr_schedule="cosine", warmup_steps=2)
+    cfg = dataclasses.replace(cfg, hflip=True)
+    data = digits_3_8[:20]
+    plain = train_model(data, TINY_DROPOUT, cfg, seed=3)
+    model, checkpoints = _checkpointed(data, cfg, (2, 4, 6))
+    assert _states_equal(plain, model)
+    assert [c.step for c in checkpoints] == [2, 4, 6]
+    # the learning rate of the step that produced each checkpoint (warmup, then cosine)
+    assert [c.learning_rate for c in checkpoints] == [learning_rate(cfg, s - 1) for s in (2, 4, 6)]
+    assert checkpoints[0].learning_rate == 1e-3  # last warmup step
+    assert 0 < checkpoints[2].learning_rate < checkpoints[1].learning_rate < 1e-3
+    final = model.state_dict()
+    assert checkpoints[-1].state_dict.keys() == final.keys()
+    assert all(torch.equal(checkpoints[-1].state_dict[k], v) for k, v in final.items())
+    assert not torch.equal(checkpoints[0].state_dict["conv_out.weight"], final["conv_out.weight"])
+
+
+def test_a_checkpoint_is_the_model_after_that_many_steps(digits_3_8) -> None:
+    # constant learning rate: training for s steps is the first s steps of a longer training
+    data = digits_3_8[:20]
+    cfg = TrainConfig(steps=5, batch_size=8, lr=1e-3, hflip=True)
+    _, checkpoints = _checkpointed(data, cfg, (1, 3))
+    for checkpoint in checkpoints:
+        short = train_model(
+            data, TINY_DROPOUT, dataclasses.replace(cfg, steps=checkpoint.step), seed=3
+        )
+        state = short.state_dict()
+        assert all(torch.equal(checkpoint.state_dict[k], v) for k, v in state.items())
+        assert checkpoint.learning_rate == 1e-3
+
+
+def test_checkpoint_arguments_are_validated(digits_3_8) -> None:
+    data, cfg = digits_3_8[:8], TrainConfig(steps=3, batch_size=4)
+    with pytest.raises(ValueError, match=r"\[1, steps=3\]"):
+        train_model(data, TINY, cfg, seed=0, checkpoint_steps=(0,), on_checkpoint=print)
+    with pytest.raises(ValueError, match=r"\[1, steps=3\]"):
+        train_model(data, TINY, cfg, seed=0, checkpoint_steps=(4,), on_checkpoint=print)
+    with pytest.raises(ValueError, match="repeated"):
+        train_model(data, TINY, cfg, seed=0, checkpoint_steps=(1, 1), on_checkpoint=print)
+    with pytest.raises(ValueError, match="needs on_checkpoint"):
+        train_model(data, TINY, cfg, seed=0, checkpoint_steps=(1,))
+    with pytest.raises(ValueError, match="checkpoint_steps is empty"):
+        train_model(data, TINY, cfg, seed=0, on_checkpoint=print)

@@ -7,7 +7,8 @@ training images from scikit-learn's digits (``x / 8 - 1``) and 3 queries. The mo
 trained: Ho et al.'s initialisation zeroes the last convolution of every block (the network
 outputs exactly 0 and most layers get no gradient), so the weights are perturbed with seeded
 noise instead, which makes every layer active. Retraining (``train_fn``) is a few full-batch
-Adam steps from those weights. The ``diffusers_*`` contexts are the same with the tiny diffusers
+Adam steps from those weights; the training checkpoints (``checkpoints_fn``, TracIn-CP) are
+snapshots of another such run, computed on first use. The ``diffusers_*`` contexts are the same with the tiny diffusers
 ``UNet2DModel`` of tests/tiny_diffusers.py, trained for 50 full-batch Adam steps from diffusers'
 initialisation (untrained, the reduce variants miss the self-influence check), in float64: its
 K-FAC curvature is so ill-conditioned that float32 K-FAC/EK-FAC scores move by up to 1 % of their
@@ -18,6 +19,7 @@ agree to 1e-12), beyond the contract's float32 tolerance. The torch thread count
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -83,6 +85,33 @@ def quick_retrain(
     return model.eval()
 
 
+def checkpoint_run(
+    base: nn.Module, images: torch.Tensor, schedule: NoiseSchedule, n_checkpoints: int
+) -> list[tuple[float, nn.Module]]:
+    """``(lr, model)`` snapshots of full-batch Adam from a copy of ``base``, 2 steps apart.
+
+    Checkpoint ``k`` (after ``2 (k + 1)`` steps) carries the learning rate ``1e-3 / (k + 1)``
+    that its two steps used (a decaying schedule, so the weights differ between checkpoints).
+    """
+    model = copy.deepcopy(base).train()
+    optimizer = torch.optim.Adam(model.parameters())
+    generator = torch.Generator().manual_seed(99)
+    checkpoints: list[tuple[float, nn.Module]] = []
+    for k in range(n_checkpoints):
+        lr = 1e-3 / (k + 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(2):
+            t = torch.randint(0, schedule.num_timesteps, (images.shape[0],), generator=generator)
+            eps = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+            loss = (eps - model(schedule.q_sample(images, t, eps), t)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        checkpoints.append((lr, copy.deepcopy(model).eval()))
+    return checkpoints
+
+
 class DictCache:
     """In-memory stand-in for ``benchmarks.store.ArtifactStore`` (get_or_compute / exists)."""
 
@@ -138,6 +167,10 @@ def _make_smoke_context(
     def train_fn(positions: torch.Tensor, seed: int) -> nn.Module:
         return quick_retrain(model, train[torch.as_tensor(positions)], schedule, seed)
 
+    @functools.cache
+    def checkpoints_fn(n_checkpoints: int) -> list[tuple[float, nn.Module]]:
+        return checkpoint_run(model, train, schedule, n_checkpoints)
+
     def measure_fn(retrained: nn.Module) -> torch.Tensor:
         draws = draw_mc(
             queries.shape[0],
@@ -162,6 +195,7 @@ def _make_smoke_context(
         train_spec={"test": "smoke", "n_train": N_TRAIN},
         train_fn=train_fn,
         measure_fn=measure_fn,
+        checkpoints_fn=checkpoints_fn,
         grad_samples=4,
         fit_samples=2,
         query_samples=4,
