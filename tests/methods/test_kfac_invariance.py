@@ -119,7 +119,8 @@ def test_measurement_override_and_trajectory_error(smoke_context):
     np.testing.assert_array_equal(mloss, loss_scores)
     elbo = _scores(elbo_ctx, quantize=None)
     assert not np.allclose(elbo, loss_scores)
-    traj_ctx = replace(smoke_context, measurement="trajectory-logprob")
+    # the smoke contexts carry stand-in trajectories (for journey-trak): drop them here
+    traj_ctx = replace(smoke_context, measurement="trajectory-logprob", query_trajectories=None)
     with pytest.raises(ValueError, match="query_trajectories"):
         _scores(traj_ctx)
 
