@@ -176,17 +176,47 @@ def get_base_model(
     """
 
     def train() -> UNet:
-        return train_model(
-            train_set.images,
-            setting.unet,
-            setting.train,
-            seed=setting.seed,
-            schedule=setting.schedule,
-            device=device,
-            progress=progress,
-        )
+        return train_base_model(setting, train_set.images, device=device, progress=progress)
 
     return get_or_train(store, "base-model", base_model_spec(setting), setting, train)
+
+
+def train_base_model(
+    setting: Setting,
+    train_images: torch.Tensor,
+    *,
+    device: torch.device,
+    progress: bool,
+    checkpoint_steps: Sequence[int] = (),
+    on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
+) -> UNet:
+    """The base model's training: the setting's U-Net, recipe, seed and schedule on all images.
+
+    The one place both the base model (:func:`get_base_model`) and its checkpoints
+    (:func:`get_base_checkpoints`) are trained, so the two runs are the same training.
+
+    Args:
+        setting: its U-Net, training recipe, seed and schedule.
+        train_images: ``# [n_train, C, H, W]`` the full training set.
+        device: where to train.
+        progress: show a progress bar.
+        checkpoint_steps: steps after which ``on_checkpoint`` gets a copy of the weights.
+        on_checkpoint: receives each :class:`TrainingCheckpoint`.
+
+    Returns:
+        The trained model.
+    """
+    return train_model(
+        train_images,
+        setting.unet,
+        setting.train,
+        seed=setting.seed,
+        schedule=setting.schedule,
+        device=device,
+        progress=progress,
+        checkpoint_steps=checkpoint_steps,
+        on_checkpoint=on_checkpoint,
+    )
 
 
 class BaseCheckpointsMismatchError(MethodUnavailableError):
@@ -269,12 +299,9 @@ def _train_base_checkpoints(
 ) -> list[TrainingCheckpoint]:
     """The base model's training (its seed and recipe) rerun, with checkpoints after ``steps``."""
     checkpoints: list[TrainingCheckpoint] = []
-    train_model(
+    train_base_model(
+        setting,
         train_images,
-        setting.unet,
-        setting.train,
-        seed=setting.seed,
-        schedule=setting.schedule,
         device=device,
         progress=progress,
         checkpoint_steps=steps,
