@@ -52,6 +52,7 @@ from safetensors.torch import save as safetensors_save
 from benchmarks.cli import (
     RunOptions,
     UsageError,
+    add_preset_argument,
     add_run_arguments,
     run_option_values,
     usage_errors,
@@ -722,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of a preset, and move it between stores as a bundle.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", default="quick", help="smoke | quick | cifar2 | cifar10")
+    add_preset_argument(parser)
     parser.add_argument(
         "--target",
         action="append",

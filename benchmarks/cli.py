@@ -12,6 +12,7 @@ from typing import Any
 
 from benchmarks.errors import UsageError
 from benchmarks.executors import EXECUTOR_NAMES, TaskFailedError
+from benchmarks.settings import PRESETS
 from benchmarks.store import CacheMismatchError, CorruptArtifactError
 from datasets import DatasetUnavailableError
 from methods import UnknownMethodError
@@ -123,6 +124,11 @@ class RunOptions:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
         if self.workers is not None and self.workers < 1:
             raise UsageError(f"--workers must be >= 1, got {self.workers}")
+
+
+def add_preset_argument(parser: argparse.ArgumentParser) -> None:
+    """``--preset NAME`` (default quick), its help listing every preset of :data:`PRESETS`."""
+    parser.add_argument("--preset", default="quick", help=" | ".join(PRESETS))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from benchmarks.bundle import import_for_run
 from benchmarks.cli import (
     RunOptions,
     UsageError,
+    add_preset_argument,
     add_run_arguments,
     parse_key_values,
     run_label,
@@ -809,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="attribution method (repeatable; default kfac); `python -m methods --list` lists them",
     )
-    parser.add_argument("--preset", default="quick", help="smoke | quick | cifar2 | cifar10")
+    add_preset_argument(parser)
     parser.add_argument(
         "--target",
         action="append",

@@ -19,7 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks import lds
-from benchmarks.cli import DEFAULT_CACHE_DIR, nest_overrides, parse_key_values, usage_errors
+from benchmarks.cli import (
+    DEFAULT_CACHE_DIR,
+    add_preset_argument,
+    nest_overrides,
+    parse_key_values,
+    usage_errors,
+)
 from benchmarks.errors import UsageError
 from benchmarks.io import atomic_write_text
 from benchmarks.lds import LDSConfig
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", default="quick", help="smoke | quick | cifar2 | cifar10")
+    add_preset_argument(parser)
     parser.add_argument(
         "--target",
         action="append",

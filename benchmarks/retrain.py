@@ -24,6 +24,7 @@ import torch
 from benchmarks.cli import (
     RunOptions,
     UsageError,
+    add_preset_argument,
     add_run_arguments,
     parse_key_values,
     run_label,
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fractions removed (default: the preset's, 0.02 0.1)",
     )
-    parser.add_argument("--preset", default="quick", help="smoke | quick | cifar2 | cifar10")
+    add_preset_argument(parser)
     parser.add_argument(
         "--measurement", default="loss", help="measurement whose change is reported"
     )
