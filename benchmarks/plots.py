@@ -616,6 +616,10 @@ def plot_hessian_ablation(
 # ---------------------------------------------------------------- damping sweep (Figs 7-10)
 
 
+_HELD_OUT_STYLE = "-."
+"""Line style of a swept method's held-out-tuned LDS in the damping sweep (in its colour)."""
+
+
 def _sweep_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The sweep's tidy frame: one row per ``ok`` summary row, with label, values and flags.
 
@@ -656,14 +660,17 @@ def _finish_sweep_panel(
     """Add to one sweep panel what the FacetGrid does not draw; then the log damping axis.
 
     The panel holds one target's rows of :func:`_sweep_rows`; added are the methods without
-    damping (dotted lines), the noise ceiling and the default-damping diamonds.
+    damping (dotted lines), the held-out-tuned LDS of swept methods (dash-dotted lines in the
+    method's colour), the noise ceiling and the default-damping diamonds.
     """
+    swept_labels = set(panel.loc[panel["swept"], "label"])
     for label, rows in panel[~panel["swept"]].groupby("label", sort=False):
         if label == NOISE_CEILING_LABEL:
             for c in rows.itertuples(index=False):
                 _draw_noise_ceiling(ax, c.value, c.hi - c.value, vertical=False)
         else:
-            ax.axhline(rows["value"].max(), color=palette[label], ls=":", label=label)
+            style = _HELD_OUT_STYLE if label in swept_labels else ":"
+            ax.axhline(rows["value"].max(), color=palette[label], ls=style, label=label)
     at_default = [
         swept and m in defaults and bool(np.isclose(d, defaults[m], rtol=1e-9, atol=0.0))
         for m, d, swept in zip(panel["method"], panel["damping"], panel["swept"], strict=True)
@@ -744,6 +751,8 @@ def damping_sweep_figure(
         for lab in series
     }
     legend["default damping"] = Line2D([], [], marker="D", ls="", mfc="none", mec="black")
+    if (~rows["swept"] & rows["label"].isin(set(swept["label"]))).any():
+        legend["held-out-tuned damping"] = Line2D([], [], color="black", ls=_HELD_OUT_STYLE)
     if (rows["label"] == NOISE_CEILING_LABEL).any():
         legend.update(_ceiling_legend_entry())
     grid.add_legend(legend_data=legend, label_order=list(legend), title="", fontsize=7)

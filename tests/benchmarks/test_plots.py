@@ -188,6 +188,31 @@ def test_damping_sweep_lines_bands_and_default_markers_match_the_table():
         plt.close(fig)
 
 
+def test_the_held_out_tuned_lds_is_a_dash_dotted_line_in_the_methods_colour_with_a_legend_entry():
+    lds = np.array([0.1, 0.2, 0.3, 0.2])
+    held_out = result_row("kfac", "loss", "loss", None, lds, preset="p", selection="held-out")
+    summary = pd.concat([_summary(), pd.DataFrame([held_out])], ignore_index=True)
+    fig = plots.damping_sweep_figure(summary, targets=["loss"])
+    try:
+        (ax,) = [ax for ax in fig.axes if ax.get_title() == "target: loss"]
+        label = plots.bar_label("kfac", "loss", "loss", {})
+        sweep, tuned = [line for line in ax.get_lines() if line.get_label() == label]
+        assert tuned.get_linestyle() == "-." and tuned.get_color() == sweep.get_color()
+        assert list(tuned.get_ydata()) == pytest.approx([100 * lds.mean()] * 2)
+        random = plots.bar_label("random", "-", "loss", {})
+        (reference,) = [line for line in ax.get_lines() if line.get_label() == random]
+        assert reference.get_linestyle() == ":"  # a method without damping stays dotted
+        texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert "held-out-tuned damping" in texts
+        no_held_out = plots.damping_sweep_figure(_summary(), targets=["loss"])
+        assert "held-out-tuned damping" not in [
+            t.get_text() for t in no_held_out.legends[0].get_texts()
+        ]
+        plt.close(no_held_out)
+    finally:
+        plt.close(fig)
+
+
 def test_retrain_bars_match_retrain_summary():
     rng = np.random.default_rng(2)
     retrain = pd.DataFrame(
