@@ -59,7 +59,6 @@ from benchmarks.cli import (
 )
 from benchmarks.groundtruth import (
     DEFAULT_ENSEMBLE_SIZE,
-    compute_ground_truth,
     ground_truth_measurement_specs,
     ground_truth_trainer,
     load_ground_truth_values,
@@ -658,15 +657,7 @@ def compute(config: GroundTruthConfig) -> tuple[Setting, ArtifactStore, int, Sta
         setting, device, config, with_trajectories=needs_trajectories(config.targets)
     )
     with stages.stage("ground_truth"):
-        truth = compute_ground_truth(
-            setting,
-            experiment.store,
-            config.targets,
-            n_train=len(experiment.train_images),
-            executor=experiment.executor,
-            data_dir=config.data_dir,
-            device=str(device),
-        )
+        truth = experiment.ground_truth(config.targets)
     with stages.stage("oracle"):
         for target in config.targets:
             outcome = run_method(

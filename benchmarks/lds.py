@@ -35,7 +35,7 @@ from benchmarks.cli import (
     run_option_values,
     usage_errors,
 )
-from benchmarks.groundtruth import GroundTruth, compute_ground_truth
+from benchmarks.groundtruth import GroundTruth
 from benchmarks.metrics import (
     bootstrap_interval,
     bootstrap_noise_ceiling_interval,
@@ -299,15 +299,7 @@ def prepare(config: LDSConfig) -> PreparedRun:
         setting, device, config, with_trajectories=_needs_trajectories(config)
     )
     with stages.stage("ground_truth"):
-        truth = compute_ground_truth(
-            setting,
-            experiment.store,
-            config.targets,
-            n_train=len(experiment.train_images),
-            executor=experiment.executor,
-            data_dir=config.data_dir,
-            device=str(device),
-        )
+        truth = experiment.ground_truth(config.targets)
     with stages.stage("regime"):
         held_out = load_held_out_set(setting, config.data_dir)
         regime = regime_diagnostic(

@@ -22,7 +22,14 @@ import torch
 from benchmarks.cli import RunOptions
 from benchmarks.errors import UsageError
 from benchmarks.executors import make_executor, raise_failures
-from benchmarks.groundtruth import OracleTask, get_or_train_model, oracle_seed, run_oracle_task
+from benchmarks.groundtruth import (
+    GroundTruth,
+    OracleTask,
+    compute_ground_truth,
+    get_or_train_model,
+    oracle_seed,
+    run_oracle_task,
+)
 from benchmarks.io import bytes_digest
 from benchmarks.pipeline import (
     QuerySet,
@@ -74,6 +81,21 @@ class Experiment:
     provenance: Mapping[str, Any] | None = None
     executor: Any = None
     data_dir: str | None = None
+
+    def ground_truth(self, targets: Sequence[str]) -> GroundTruth:
+        """The LDS ground truth of ``targets``: loaded, or computed and stored where missing.
+
+        Runs the missing retraining tasks on :attr:`executor` (``compute_ground_truth``).
+        """
+        return compute_ground_truth(
+            self.setting,
+            self.store,
+            targets,
+            n_train=len(self.train_images),
+            executor=self.executor,
+            data_dir=self.data_dir,
+            device=str(self.device),
+        )
 
 
 @dataclass(frozen=True)
