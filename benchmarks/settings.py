@@ -37,6 +37,7 @@ from typing import Any
 from benchmarks.errors import UsageError
 from benchmarks.io import to_jsonable
 from datasets import DATASET_NAMES
+from diffusion.backends import BACKENDS, DiffusersUNetConfig
 from diffusion.schedule import NoiseSchedule
 from diffusion.train import TrainConfig
 from diffusion.unet import UNetConfig
@@ -121,6 +122,10 @@ the parts: ``n_retrain_queries`` and ``retrain_fractions`` choose which artifact
 """
 
 _NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
+"""Nested config fields -> their dataclass; ``unet`` may also be a ``DiffusersUNetConfig``."""
+
+_MODEL_CONFIGS = (UNetConfig, DiffusersUNetConfig)
+"""The config types of ``Setting.unet``: one per backend (``diffusion.backends.BACKENDS``)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -141,8 +146,9 @@ class Setting:
         dataset: data set name, one of ``datasets.DATASET_NAMES``.
         n_train: cap on the training set: its first ``n_train`` images (in the data set's stable
             order); None uses all of them. >= 2 when given.
-        unet: the U-Net architecture of every model (base, subset and retrained models); its
-            image shape must match the data set's.
+        unet: the architecture of every model (base, subset and retrained models): a harness
+            ``UNetConfig`` (the default backend) or a ``diffusion.backends.DiffusersUNetConfig``
+            (a diffusers ``UNet2DModel``); its image shape must match the data set's.
         train: training recipe of the base model (trained on the full training set) and of the
             models retrained without top influences (App. G.6: "the same procedure").
         subset_train: training recipe of the LDS subset models (App. G.7: half the steps of the
@@ -176,7 +182,7 @@ class Setting:
     name: str
     dataset: str
     n_train: int | None
-    unet: UNetConfig
+    unet: UNetConfig | DiffusersUNetConfig
     train: TrainConfig
     subset_train: TrainConfig
     n_queries: int
@@ -205,9 +211,14 @@ class Setting:
             raise UsageError(
                 f"Setting.n_train must be None (all images) or an int >= 2, got {self.n_train!r}"
             )
+        if not isinstance(self.unet, _MODEL_CONFIGS):
+            raise UsageError(
+                "Setting.unet must be a UNetConfig or a DiffusersUNetConfig, got "
+                f"{type(self.unet).__name__}"
+            )
         for field, cls in (*_NESTED.items(), ("schedule", NoiseSchedule)):
             value = getattr(self, field)
-            if not isinstance(value, cls):
+            if field != "unet" and not isinstance(value, cls):
                 raise UsageError(
                     f"Setting.{field} must be a {cls.__name__}, got {type(value).__name__}"
                 )
@@ -216,7 +227,7 @@ class Setting:
             raise UsageError(
                 f"Setting.unet has image_channels={self.unet.image_channels}, image_size="
                 f"{self.unet.image_size}, but {self.dataset!r} images are {shape[0]}x{shape[1]}x"
-                f"{shape[2]} (C x H x W): use a UNetConfig for that shape"
+                f"{shape[2]} (C x H x W): use a model config for that shape"
             )
         minimum = {
             "n_queries": 1,
@@ -296,8 +307,10 @@ class Setting:
                 f"{_closest(unknown[0], names)}"
             )
         kwargs = dict(data)
+        if isinstance(kwargs.get("unet"), Mapping):
+            kwargs["unet"] = _model_config(kwargs["unet"])
         for field, sub in (*_NESTED.items(), ("schedule", NoiseSchedule)):
-            if isinstance(kwargs.get(field), Mapping):
+            if field != "unet" and isinstance(kwargs.get(field), Mapping):
                 kwargs[field] = _build(sub, kwargs[field], f"Setting.{field}")
         if isinstance(kwargs.get("retrain_fractions"), list):
             kwargs["retrain_fractions"] = tuple(kwargs["retrain_fractions"])
@@ -330,10 +343,12 @@ class Setting:
         """A copy with some fields replaced (validated again).
 
         Nested configs accept a dict of their own fields, which replaces only those:
-        ``s.replace(n_subsets=64, train={"steps": 500})``.
+        ``s.replace(n_subsets=64, train={"steps": 500})``; for a diffusers model the dict's keys
+        are ``UNet2DModel`` arguments: ``s.replace(unet={"block_out_channels": [16, 32]})``.
 
         Raises:
-            ValueError: an unknown field (with the closest match) or an invalid value.
+            UsageError: an unknown field (with the closest match; for a diffusers model, a name
+                that is no ``UNet2DModel`` argument) or an invalid value.
         """
         names = [f.name for f in dataclasses.fields(self)]
         changes: dict[str, Any] = {}
@@ -344,11 +359,53 @@ class Setting:
                     f"{_closest(key, names)}"
                 )
             nested_cls = _NESTED.get(key) or (NoiseSchedule if key == "schedule" else None)
-            if nested_cls is not None and isinstance(value, Mapping):
+            if key == "unet" and isinstance(self.unet, DiffusersUNetConfig):
+                value = _with_unet2d_arguments(self.unet, value)
+            elif nested_cls is not None and isinstance(value, Mapping):
                 current = to_jsonable(getattr(self, key))
                 value = _build(nested_cls, {**current, **value}, f"Setting.{key}")
             changes[key] = value
         return dataclasses.replace(self, **changes)
+
+
+def _with_unet2d_arguments(config: DiffusersUNetConfig, value: Any) -> Any:
+    """``config`` with the ``UNet2DModel`` arguments of a mapping ``value`` replaced.
+
+    Any other ``value`` (a whole model config) is returned as it is.
+    """
+    if not isinstance(value, Mapping):
+        return value
+    try:
+        return config.with_arguments(value)
+    except ValueError as e:
+        raise UsageError(f"Setting.unet: {e}") from e
+
+
+def _model_config(values: Mapping[str, Any]) -> UNetConfig | DiffusersUNetConfig:
+    """The model config of a ``Setting.unet`` JSON form (``to_jsonable`` of either backend).
+
+    A mapping with ``"backend": "diffusers"`` is ``{"backend", "unet": UNet2DModel args}``; one
+    without a ``backend`` entry holds the fields of the harness's ``UNetConfig``.
+    """
+    backend = values.get("backend", "unet")
+    if backend not in BACKENDS:
+        raise UsageError(
+            f"Setting.unet.backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+        )
+    if backend == "unet":
+        return _build(
+            UNetConfig, {k: v for k, v in values.items() if k != "backend"}, "Setting.unet"
+        )
+    unknown = sorted(set(values) - {"backend", "unet"})
+    if unknown or not isinstance(values.get("unet"), Mapping):
+        raise UsageError(
+            f"Setting.unet of the diffusers backend is {{'backend': 'diffusers', 'unet': "
+            f"{{UNet2DModel arguments}}}}, got keys {sorted(values)}"
+        )
+    try:
+        return DiffusersUNetConfig(values["unet"])
+    except ValueError as e:
+        raise UsageError(f"Setting.unet: {e}") from e
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
