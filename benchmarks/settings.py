@@ -529,12 +529,88 @@ def _cifar(name: str, full_steps: int, lr_schedule: str) -> Setting:
     )
 
 
+PAPER_CIFAR2_UNET2D: Mapping[str, Any] = MappingProxyType(
+    {
+        # The paper's CIFAR-2 model, every field of its UNet2DModel config as the paper's code
+        # has it: github.com/BrunoKM/diffusion-influence, scripts/model_configs/unet_cifar2.json
+        # (commit c3fa7f7b; "_class_name"/"_diffusers_version" are not arguments).
+        "act_fn": "silu",
+        "attention_head_dim": None,
+        "block_out_channels": (128, 256, 256, 256),
+        "center_input_sample": False,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "in_channels": 3,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-06,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 32,
+        "dropout": 0.1,
+        "time_embedding_type": "positional",
+        "resnet_time_scale_shift": "scale_shift",
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    }
+)
+"""The ``UNet2DModel`` arguments of the paper's CIFAR-2 model (the ``cifar2-paper`` preset)."""
+
+
+def _quick_diffusers() -> Setting:
+    # The paper's UNet2DModel (PAPER_CIFAR2_UNET2D) scaled to quick's digits: its conventions
+    # (timestep embedding, padding, norm eps, scale-shift time conditioning, one attention head)
+    # at quick's size: 16 channels at 8x8 and 4x4, one ResNet per level, attention at 4x4 and
+    # in the middle; no dropout, like quick.
+    sizes = {
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (16, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "dropout": 0.0,
+    }
+    return _quick().replace(
+        name="quick-diffusers", unet=DiffusersUNetConfig({**PAPER_CIFAR2_UNET2D, **sizes})
+    )
+
+
+def _cifar2_paper() -> Setting:
+    def recipe(steps: int) -> TrainConfig:
+        # The paper's code (scripts/configs/cifar2_ddpm.yaml of the repository above): batch
+        # 128, lr 1e-4, warmup 10% of the steps, cosine decay, clipping at 1 (32k steps full,
+        # 16k subsets, as PAPER_NOTES.md); flips as the cifar2 preset (App. G.8). Not
+        # expressible here: AdamW's decoupled weight decay 1e-6 and the EMA of the weights.
+        return TrainConfig(
+            steps=steps,
+            batch_size=128,
+            lr=1e-4,
+            lr_schedule="cosine",
+            warmup_steps=steps // 10,
+            grad_clip=1.0,
+            hflip=True,
+        )
+
+    return _cifar("cifar2", 32_000, "cosine").replace(
+        name="cifar2-paper",
+        unet=DiffusersUNetConfig(PAPER_CIFAR2_UNET2D),
+        train=recipe(32_000),
+        subset_train=recipe(16_000),
+    )
+
+
 PRESETS: Mapping[str, Setting] = MappingProxyType(
     {
         "smoke": _smoke(),
         "quick": _quick(),
         "translate": _translate(),
+        "quick-diffusers": _quick_diffusers(),
         "cifar2": _cifar("cifar2", 32_000, "cosine"),
+        "cifar2-paper": _cifar2_paper(),
         "cifar10": _cifar("cifar10", 160_000, "constant"),
     }
 )
