@@ -124,7 +124,7 @@ the parts: ``n_retrain_queries`` and ``retrain_fractions`` choose which artifact
 _NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
 """Nested config fields -> their dataclass; ``unet`` may also be a ``DiffusersUNetConfig``."""
 
-_MODEL_CONFIGS = (UNetConfig, DiffusersUNetConfig)
+_MODEL_CONFIGS = tuple(backend.config_type for backend in BACKENDS.values())
 """The config types of ``Setting.unet``: one per backend (``diffusion.backends.BACKENDS``)."""
 
 

@@ -18,7 +18,13 @@ from benchmarks.groundtruth import (
     ground_truth_trainer,
     model_spec,
 )
-from benchmarks.pipeline import base_model_spec, load_model, load_train_set
+from benchmarks.pipeline import (
+    base_model_spec,
+    get_base_checkpoints,
+    get_base_model,
+    load_model,
+    load_train_set,
+)
 from benchmarks.settings import Setting, get_preset
 from benchmarks.store import ArtifactStore
 from datasets import load_dataset
@@ -185,6 +191,20 @@ def test_trained_diffusers_model_round_trips_through_the_store(tmp_path):
         assert isinstance(model, DiffusersDenoiser) and not model.training
         assert model.state_dict().keys() == trained.state_dict().keys()
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
+def test_tracin_checkpoints_of_a_diffusers_base_model(tmp_path):
+    setting = _tiny_diffusers_setting().replace(train={"steps": 4, "warmup_steps": 1})
+    store, train_set = ArtifactStore(tmp_path / "cache"), load_train_set(setting)
+    cpu = torch.device("cpu")
+    base = get_base_model(setting, store, train_set, device=cpu, progress=False)
+    checkpoints = get_base_checkpoints(
+        setting, store, train_set.images, 2, device=cpu, progress=False
+    )
+    assert [type(model) for _, model in checkpoints] == [DiffusersDenoiser] * 2
+    first, last = (model.state_dict() for _, model in checkpoints)
+    assert all(torch.equal(v, last[k]) for k, v in base.state_dict().items())  # the base model
+    assert not all(torch.equal(v, first[k]) for k, v in last.items())
 
 
 def test_ground_truth_of_a_diffusers_model_trains_one_at_a_time(tmp_path):
