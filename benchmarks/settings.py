@@ -19,6 +19,11 @@ Presets (:data:`PRESETS`):
   digit while a convolutional model is not, so attribution and pixel similarity part here as
   on natural images (they nearly coincide on the centred 8x8 digits). A model trains about 2.3
   times slower than quick's (four times the pixels).
+- ``quick-diffusers``: quick with a diffusers ``UNet2DModel``: the paper's CIFAR-2 model's
+  conventions at quick's size (80k parameters, about quick's time per step); trained one model
+  at a time (the vmapped ensembles are the harness U-Net's).
+- ``cifar2-paper``: ``cifar2`` with the paper's own model (:data:`PAPER_CIFAR2_UNET2D`, copied
+  from its code, 38.3M parameters) and its code's recipe (lr 1e-4, warmup over 10% of the steps).
 - ``cifar2`` / ``cifar10``: the paper's protocol (App. G.5-G.7): Ho et al.'s CIFAR U-Net, batch
   128, lr 2e-4, 5000 warmup steps, gradient clipping at 1, horizontal flips; CIFAR-2 32k steps
   (full) / 16k (subsets) with a cosine schedule, CIFAR-10 160k / 80k with a constant one;
@@ -45,6 +50,7 @@ from diffusion.unet import UNetConfig
 __all__ = [
     "FINGERPRINT_PARTS",
     "FINGERPRINT_VERSION",
+    "PAPER_CIFAR2_UNET2D",
     "PRESETS",
     "Setting",
     "get_preset",
