@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -41,6 +42,14 @@ def usage_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
 
 
 def _parse_value(text: str) -> Any:
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"{text!r} is not a JSON list ({e.msg}): write e.g. [16,32] or "
+                '["DownBlock2D","AttnDownBlock2D"]'
+            ) from None
     for cast in (int, float):
         try:
             return cast(text)
@@ -50,7 +59,10 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (ints, floats, true/false/none parsed)."""
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (ints, floats, true/false/none parsed).
+
+    A value starting with ``[`` is a JSON list: ``unet.block_out_channels=[16,32]``.
+    """
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -139,7 +151,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FIELD=VALUE",
         dest="overrides",
-        help="setting override, e.g. n_subsets=64",
+        help="setting override, e.g. n_subsets=64 or unet.block_out_channels=[16,32]",
     )
     parser.add_argument("--out", default="results", help="directory of result tables")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="artifact store")

@@ -9,8 +9,8 @@ yet), and any executor (in-process, pool, Ray) can run the tasks.
 
 Trainer: a ground truth is trained by ONE path, chosen by ``ground_truth_trainer``:
 
-- ``"ensemble"`` (default, ``compute_ground_truth(..., ensemble_size=8)``) for U-Nets without
-  dropout (the digits presets): ``diffusion.ensemble.train_ensemble`` trains ``ensemble_size``
+- ``"ensemble"`` (default, ``compute_ground_truth(..., ensemble_size=8)``) for harness U-Nets
+  without dropout (the digits presets; ``diffusion.ensemble.ensemble_trainable``): ``diffusion.ensemble.train_ensemble`` trains ``ensemble_size``
   models per vmapped step, member k with exactly the random streams of ``train_model(...,
   seed=k's seed)``. NOT bitwise equal to one-at-a-time training: the vmapped kernels round
   differently (float64: equal to ~3e-14; in float32 the difference is far below the
@@ -20,8 +20,9 @@ Trainer: a ground truth is trained by ONE path, chosen by ``ground_truth_trainer
   and resumption never change the result. Its throughput against one-at-a-time training is in
   ``perf/README.md`` too.
 - ``"single"`` (``train_model``, one model per task) for U-Nets with dropout (the CIFAR
-  presets: vmapped dropout cannot follow train_model's per-seed masks) or with
-  ``ensemble_size=None``.
+  presets: vmapped dropout cannot follow train_model's per-seed masks), for diffusers models
+  (``quick-diffusers``, ``cifar2-paper``: the vmapped trainer knows the harness U-Net's layers
+  only) or with ``ensemble_size=None``.
 
 The two never mix silently: an ensemble-trained model's spec carries ``"trainer": "ensemble"``
 (single-trained specs carry no ``trainer`` entry).
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from benchmarks.executors import LocalExecutor, raise_failures
 from benchmarks.io import bytes_digest
@@ -56,9 +58,8 @@ from benchmarks.pipeline import (
 )
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
-from diffusion.ensemble import ENSEMBLE_KERNELS, train_ensemble
+from diffusion.ensemble import ENSEMBLE_KERNELS, ensemble_trainable, train_ensemble
 from diffusion.train import TrainConfig, train_model
-from diffusion.unet import UNet
 
 TRAINERS: tuple[str, ...] = ("single", "ensemble")
 """How a ground-truth model is trained: ``train_model`` one at a time, or ``train_ensemble``."""
@@ -159,7 +160,7 @@ def get_or_train_model(
     device: torch.device,
     keep: bool = True,
     progress: bool = False,
-) -> UNet:
+) -> nn.Module:
     """A model trained on ``train_images[positions]``: loaded when stored, else trained.
 
     ``pipeline.get_or_train`` with :func:`model_spec` (single trainer); a trained model is
@@ -181,7 +182,7 @@ def get_or_train_model(
         The model on the CPU in eval mode (as ``pipeline.get_or_train`` returns it).
     """
 
-    def train() -> UNet:
+    def train() -> nn.Module:
         return train_model(
             train_images[torch.as_tensor(np.sort(positions))],
             setting.unet,
@@ -206,7 +207,7 @@ def get_or_train_models(
     device: torch.device,
     keep: bool = True,
     progress: bool = False,
-) -> list[UNet]:
+) -> list[nn.Module]:
     """Ensemble-trained models, one per ``(positions, seed)`` member, loaded or trained.
 
     Stored members are loaded; the others are trained together by ``train_ensemble`` (one
@@ -233,7 +234,7 @@ def get_or_train_models(
         model_spec(setting, part, positions, seed, trainer="ensemble")
         for positions, seed in members
     ]
-    models: list[UNet | None] = [
+    models: list[nn.Module | None] = [
         load_model(store, "model", spec, setting) if store.exists("model", spec) else None
         for spec in specs
     ]
@@ -313,7 +314,8 @@ class EnsembleTask:
     """Several retrained models of the ground truth, trained as one ensemble (picklable).
 
     Attributes:
-        setting: the benchmark setting (its U-Net must have no dropout).
+        setting: the benchmark setting (its model must be ``ensemble_trainable``: a harness
+            U-Net without dropout).
         store_root: artifact store path every worker can reach.
         data_dir: where CIFAR lives, if needed.
         members: ``(subset m, seed index k)`` pairs, m in [0, M), k in [0, K); non-empty.
@@ -331,10 +333,10 @@ class EnsembleTask:
     def __post_init__(self) -> None:
         if not self.members:
             raise ValueError("EnsembleTask.members must hold at least one (subset, seed) pair")
-        if self.setting.unet.dropout > 0:
+        if not ensemble_trainable(self.setting.unet):
             raise ValueError(
-                f"EnsembleTask needs a U-Net without dropout (got dropout="
-                f"{self.setting.unet.dropout}): use GroundTruthTask (one model per task)"
+                f"EnsembleTask needs a harness U-Net without dropout (got "
+                f"{_model_description(self.setting)}): use GroundTruthTask (one model per task)"
             )
 
     @property
@@ -357,11 +359,17 @@ def ground_truth_seed(setting: Setting, subset: int, seed_index: int) -> int:
     return derived_seed(setting.seed, "ground-truth", subset, seed_index)
 
 
+def _model_description(setting: Setting) -> str:
+    """E.g. ``a UNetConfig with dropout=0.1`` (error messages)."""
+    return f"a {type(setting.unet).__name__} with dropout={setting.unet.dropout}"
+
+
 def ground_truth_trainer(setting: Setting, ensemble_size: int | None) -> str:
     """The one trainer of the ground truth (see the module docstring).
 
-    ``"ensemble"`` when ``ensemble_size`` is given and the U-Net has no dropout, else
-    ``"single"``.
+    ``"ensemble"`` when ``ensemble_size`` is given and the model is a harness U-Net without
+    dropout (``diffusion.ensemble.ensemble_trainable``), else ``"single"`` (diffusers models,
+    dropout, or ``ensemble_size=None``).
     """
     if ensemble_size is not None and (
         not isinstance(ensemble_size, int) or isinstance(ensemble_size, bool) or ensemble_size < 1
@@ -370,7 +378,9 @@ def ground_truth_trainer(setting: Setting, ensemble_size: int | None) -> str:
             f"ensemble_size must be a positive int or None (one model per task), got "
             f"{ensemble_size!r}"
         )
-    return "ensemble" if ensemble_size is not None and setting.unet.dropout == 0 else "single"
+    if ensemble_size is not None and ensemble_trainable(setting.unet):
+        return "ensemble"
+    return "single"
 
 
 def _load_queries(store: ArtifactStore, setting: Setting, targets: Sequence[str]) -> QuerySet:
@@ -415,7 +425,7 @@ def _missing_targets(
 def _measure_and_store(
     store: ArtifactStore,
     setting: Setting,
-    model: UNet,
+    model: nn.Module,
     model_key: str,
     targets: Sequence[str],
     queries: QuerySet,
@@ -638,7 +648,8 @@ def ensemble_tasks(
     Seed-major like ``ground_truth_tasks``; the last group may be smaller.
 
     Args:
-        setting: the benchmark setting (M subsets, K seeds); its U-Net must have no dropout.
+        setting: the benchmark setting (M subsets, K seeds); its model must be a harness U-Net
+            without dropout.
         store: the artifact store; its root is passed to the tasks.
         targets: measurement names to record.
         ensemble_size: models per task.
@@ -650,8 +661,8 @@ def ensemble_tasks(
     """
     if ground_truth_trainer(setting, ensemble_size) != "ensemble":
         raise ValueError(
-            f"ensemble tasks need a U-Net without dropout (got dropout={setting.unet.dropout}): "
-            "use ground_truth_tasks"
+            f"ensemble tasks need a harness U-Net without dropout (got "
+            f"{_model_description(setting)}): use ground_truth_tasks"
         )
     pairs = [(m, k) for k in range(setting.n_seeds) for m in range(setting.n_subsets)]
     return [

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from benchmarks.settings import Setting
 from benchmarks.store import ArtifactStore
 from datasets import ImageDataset, load_dataset
+from diffusion.backends import build_denoiser
 from diffusion.measurements import MCDraws, draw_mc, measure_many, parse_measurement
 from diffusion.sampling import sample
 from diffusion.train import TrainingCheckpoint, evenly_spaced_steps, train_model
-from diffusion.unet import UNet
 from methods import MethodUnavailableError
 
 TRAINING_LOG = "trainings.log"
@@ -90,21 +91,37 @@ def load_held_out_set(setting: Setting, data_dir: str | Path | None = None) -> I
     return dataset.subset(torch.arange(start, len(dataset)))
 
 
-def load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> UNet:
-    """The stored model ``(kind, spec)``: a ``setting.unet`` U-Net on the CPU, in eval mode.
+def setting_model(setting: Setting, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A model of ``setting.unet``'s backend holding ``weights``, on the CPU, in eval mode.
+
+    Built by ``diffusion.backends.build_denoiser`` (a fixed generator: building draws nothing
+    from the global RNG) and loaded strictly.
+
+    Args:
+        setting: its model config (``UNetConfig`` or ``DiffusersUNetConfig``).
+        weights: a state dict of that model.
+
+    Returns:
+        The model.
+    """
+    model = build_denoiser(setting.unet, generator=torch.Generator().manual_seed(0))
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def load_model(store: ArtifactStore, kind: str, spec: dict, setting: Setting) -> nn.Module:
+    """The stored model ``(kind, spec)``: a ``setting.unet`` model on the CPU, in eval mode.
 
     Args:
         store: the artifact store.
         kind: artifact kind (``"base-model"``, ``"model"``).
         spec: the model's spec.
-        setting: its U-Net config.
+        setting: its model config (either backend: :func:`setting_model`).
 
     Returns:
         The model with the stored state dict loaded.
     """
-    model = UNet(setting.unet)
-    model.load_state_dict(store.load_state_dict(kind, spec))
-    return model.eval()
+    return setting_model(setting, store.load_state_dict(kind, spec))
 
 
 def get_or_train(
@@ -112,10 +129,10 @@ def get_or_train(
     kind: str,
     spec: dict,
     setting: Setting,
-    train: Callable[[], UNet],
+    train: Callable[[], nn.Module],
     *,
     keep: bool = True,
-) -> UNet:
+) -> nn.Module:
     """The one get-or-train path of every model: loaded when ``(kind, spec)`` is stored.
 
     Otherwise ``train()``, stored when ``keep``, and logged (:func:`log_training`, after the
@@ -161,7 +178,7 @@ def get_base_model(
     *,
     device: torch.device,
     progress: bool = True,
-) -> UNet:
+) -> nn.Module:
     """The model trained on the full training set (trained once, then loaded).
 
     Args:
@@ -175,7 +192,7 @@ def get_base_model(
         The base model on the CPU, in eval mode.
     """
 
-    def train() -> UNet:
+    def train() -> nn.Module:
         return train_base_model(setting, train_set.images, device=device, progress=progress)
 
     return get_or_train(store, "base-model", base_model_spec(setting), setting, train)
@@ -189,7 +206,7 @@ def train_base_model(
     progress: bool,
     checkpoint_steps: Sequence[int] = (),
     on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
-) -> UNet:
+) -> nn.Module:
     """The base model's training: the setting's U-Net, recipe, seed and schedule on all images.
 
     The one place both the base model (:func:`get_base_model`) and its checkpoints
@@ -248,7 +265,7 @@ def get_base_checkpoints(
     *,
     device: torch.device,
     progress: bool = True,
-) -> list[tuple[float, UNet]]:
+) -> list[tuple[float, nn.Module]]:
     """The base model's ``n_checkpoints`` evenly spaced training checkpoints (TracIn-CP).
 
     Stored under :func:`base_checkpoints_spec`. When absent, the base model's training is rerun
@@ -283,10 +300,8 @@ def get_base_checkpoints(
     models = []
     for k, lr in enumerate(tensors["learning_rate"].tolist()):
         prefix = f"checkpoint{k}."
-        model = UNet(setting.unet)
         weights = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
-        model.load_state_dict(weights)
-        models.append((float(lr), model.eval()))
+        models.append((float(lr), setting_model(setting, weights)))
     return models
 
 
@@ -379,7 +394,7 @@ def needs_trajectories(names: Sequence[str]) -> bool:
 def get_queries(
     setting: Setting,
     store: ArtifactStore,
-    model: UNet,
+    model: nn.Module,
     *,
     device: torch.device,
     with_trajectories: bool = False,
@@ -441,7 +456,7 @@ def measurement_draws(setting: Setting, query: int, n_samples: int, image_shape)
 
 
 def measure_queries(
-    model: UNet,
+    model: nn.Module,
     setting: Setting,
     queries: QuerySet,
     name: str,
@@ -481,7 +496,7 @@ def measure_queries(
 
 @torch.no_grad()
 def measure_queries_many(
-    model: UNet,
+    model: nn.Module,
     setting: Setting,
     queries: QuerySet,
     names: Sequence[str],

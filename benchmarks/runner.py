@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from benchmarks.cli import RunOptions
 from benchmarks.errors import UsageError
@@ -47,7 +48,6 @@ from benchmarks.provenance import StageLog, StageTimer, collect_provenance
 from benchmarks.settings import Setting, get_preset
 from benchmarks.store import ArtifactStore
 from diffusion.measurements import parse_measurement
-from diffusion.unet import UNet
 from methods import AttributionMethod, MethodContext, MethodUnavailableError, get_method
 
 
@@ -73,7 +73,7 @@ class Experiment:
 
     setting: Setting
     store: ArtifactStore
-    model: UNet
+    model: nn.Module
     train_images: torch.Tensor
     queries: QuerySet
     device: torch.device
@@ -295,7 +295,7 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
     """
     setting, store = experiment.setting, experiment.store
 
-    def train_fn(positions: torch.Tensor, seed: int) -> UNet:
+    def train_fn(positions: torch.Tensor, seed: int) -> nn.Module:
         return get_or_train_model(
             setting,
             store,
@@ -306,7 +306,7 @@ def method_context(experiment: Experiment, measurement: str, target: str) -> Met
             device=experiment.device,
         )
 
-    def measure_fn(model: UNet) -> torch.Tensor:
+    def measure_fn(model: nn.Module) -> torch.Tensor:
         values = measure_queries(
             model,
             setting,

@@ -19,6 +19,11 @@ Presets (:data:`PRESETS`):
   digit while a convolutional model is not, so attribution and pixel similarity part here as
   on natural images (they nearly coincide on the centred 8x8 digits). A model trains about 2.3
   times slower than quick's (four times the pixels).
+- ``quick-diffusers``: quick with a diffusers ``UNet2DModel``: the paper's CIFAR-2 model's
+  conventions at quick's size (80k parameters, about quick's time per step); trained one model
+  at a time (the vmapped ensembles are the harness U-Net's).
+- ``cifar2-paper``: ``cifar2`` with the paper's own model (:data:`PAPER_CIFAR2_UNET2D`, copied
+  from its code, 38.3M parameters) and its code's recipe (lr 1e-4, warmup over 10% of the steps).
 - ``cifar2`` / ``cifar10``: the paper's protocol (App. G.5-G.7): Ho et al.'s CIFAR U-Net, batch
   128, lr 2e-4, 5000 warmup steps, gradient clipping at 1, horizontal flips; CIFAR-2 32k steps
   (full) / 16k (subsets) with a cosine schedule, CIFAR-10 160k / 80k with a constant one;
@@ -37,6 +42,7 @@ from typing import Any
 from benchmarks.errors import UsageError
 from benchmarks.io import to_jsonable
 from datasets import DATASET_NAMES
+from diffusion.backends import BACKENDS, DiffusersUNetConfig
 from diffusion.schedule import NoiseSchedule
 from diffusion.train import TrainConfig
 from diffusion.unet import UNetConfig
@@ -44,6 +50,7 @@ from diffusion.unet import UNetConfig
 __all__ = [
     "FINGERPRINT_PARTS",
     "FINGERPRINT_VERSION",
+    "PAPER_CIFAR2_UNET2D",
     "PRESETS",
     "Setting",
     "get_preset",
@@ -121,6 +128,10 @@ the parts: ``n_retrain_queries`` and ``retrain_fractions`` choose which artifact
 """
 
 _NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
+"""Nested config fields -> their dataclass; ``unet`` may also be a ``DiffusersUNetConfig``."""
+
+_MODEL_CONFIGS = tuple(backend.config_type for backend in BACKENDS.values())
+"""The config types of ``Setting.unet``: one per backend (``diffusion.backends.BACKENDS``)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -141,8 +152,9 @@ class Setting:
         dataset: data set name, one of ``datasets.DATASET_NAMES``.
         n_train: cap on the training set: its first ``n_train`` images (in the data set's stable
             order); None uses all of them. >= 2 when given.
-        unet: the U-Net architecture of every model (base, subset and retrained models); its
-            image shape must match the data set's.
+        unet: the architecture of every model (base, subset and retrained models): a harness
+            ``UNetConfig`` (the default backend) or a ``diffusion.backends.DiffusersUNetConfig``
+            (a diffusers ``UNet2DModel``); its image shape must match the data set's.
         train: training recipe of the base model (trained on the full training set) and of the
             models retrained without top influences (App. G.6: "the same procedure").
         subset_train: training recipe of the LDS subset models (App. G.7: half the steps of the
@@ -176,7 +188,7 @@ class Setting:
     name: str
     dataset: str
     n_train: int | None
-    unet: UNetConfig
+    unet: UNetConfig | DiffusersUNetConfig
     train: TrainConfig
     subset_train: TrainConfig
     n_queries: int
@@ -205,9 +217,14 @@ class Setting:
             raise UsageError(
                 f"Setting.n_train must be None (all images) or an int >= 2, got {self.n_train!r}"
             )
+        if not isinstance(self.unet, _MODEL_CONFIGS):
+            raise UsageError(
+                "Setting.unet must be a UNetConfig or a DiffusersUNetConfig, got "
+                f"{type(self.unet).__name__}"
+            )
         for field, cls in (*_NESTED.items(), ("schedule", NoiseSchedule)):
             value = getattr(self, field)
-            if not isinstance(value, cls):
+            if field != "unet" and not isinstance(value, cls):
                 raise UsageError(
                     f"Setting.{field} must be a {cls.__name__}, got {type(value).__name__}"
                 )
@@ -216,7 +233,7 @@ class Setting:
             raise UsageError(
                 f"Setting.unet has image_channels={self.unet.image_channels}, image_size="
                 f"{self.unet.image_size}, but {self.dataset!r} images are {shape[0]}x{shape[1]}x"
-                f"{shape[2]} (C x H x W): use a UNetConfig for that shape"
+                f"{shape[2]} (C x H x W): use a model config for that shape"
             )
         minimum = {
             "n_queries": 1,
@@ -296,8 +313,10 @@ class Setting:
                 f"{_closest(unknown[0], names)}"
             )
         kwargs = dict(data)
+        if isinstance(kwargs.get("unet"), Mapping):
+            kwargs["unet"] = _model_config(kwargs["unet"])
         for field, sub in (*_NESTED.items(), ("schedule", NoiseSchedule)):
-            if isinstance(kwargs.get(field), Mapping):
+            if field != "unet" and isinstance(kwargs.get(field), Mapping):
                 kwargs[field] = _build(sub, kwargs[field], f"Setting.{field}")
         if isinstance(kwargs.get("retrain_fractions"), list):
             kwargs["retrain_fractions"] = tuple(kwargs["retrain_fractions"])
@@ -330,10 +349,12 @@ class Setting:
         """A copy with some fields replaced (validated again).
 
         Nested configs accept a dict of their own fields, which replaces only those:
-        ``s.replace(n_subsets=64, train={"steps": 500})``.
+        ``s.replace(n_subsets=64, train={"steps": 500})``; for a diffusers model the dict's keys
+        are ``UNet2DModel`` arguments: ``s.replace(unet={"block_out_channels": [16, 32]})``.
 
         Raises:
-            ValueError: an unknown field (with the closest match) or an invalid value.
+            UsageError: an unknown field (with the closest match; for a diffusers model, a name
+                that is no ``UNet2DModel`` argument) or an invalid value.
         """
         names = [f.name for f in dataclasses.fields(self)]
         changes: dict[str, Any] = {}
@@ -344,11 +365,53 @@ class Setting:
                     f"{_closest(key, names)}"
                 )
             nested_cls = _NESTED.get(key) or (NoiseSchedule if key == "schedule" else None)
-            if nested_cls is not None and isinstance(value, Mapping):
+            if key == "unet" and isinstance(self.unet, DiffusersUNetConfig):
+                value = _with_unet2d_arguments(self.unet, value)
+            elif nested_cls is not None and isinstance(value, Mapping):
                 current = to_jsonable(getattr(self, key))
                 value = _build(nested_cls, {**current, **value}, f"Setting.{key}")
             changes[key] = value
         return dataclasses.replace(self, **changes)
+
+
+def _with_unet2d_arguments(config: DiffusersUNetConfig, value: Any) -> Any:
+    """``config`` with the ``UNet2DModel`` arguments of a mapping ``value`` replaced.
+
+    Any other ``value`` (a whole model config) is returned as it is.
+    """
+    if not isinstance(value, Mapping):
+        return value
+    try:
+        return config.with_arguments(value)
+    except ValueError as e:
+        raise UsageError(f"Setting.unet: {e}") from e
+
+
+def _model_config(values: Mapping[str, Any]) -> UNetConfig | DiffusersUNetConfig:
+    """The model config of a ``Setting.unet`` JSON form (``to_jsonable`` of either backend).
+
+    A mapping with ``"backend": "diffusers"`` is ``{"backend", "unet": UNet2DModel args}``; one
+    without a ``backend`` entry holds the fields of the harness's ``UNetConfig``.
+    """
+    backend = values.get("backend", "unet")
+    if backend not in BACKENDS:
+        raise UsageError(
+            f"Setting.unet.backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+        )
+    if backend == "unet":
+        return _build(
+            UNetConfig, {k: v for k, v in values.items() if k != "backend"}, "Setting.unet"
+        )
+    unknown = sorted(set(values) - {"backend", "unet"})
+    if unknown or not isinstance(values.get("unet"), Mapping):
+        raise UsageError(
+            f"Setting.unet of the diffusers backend is {{'backend': 'diffusers', 'unet': "
+            f"{{UNet2DModel arguments}}}}, got keys {sorted(values)}"
+        )
+    try:
+        return DiffusersUNetConfig(values["unet"])
+    except ValueError as e:
+        raise UsageError(f"Setting.unet: {e}") from e
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
@@ -472,12 +535,88 @@ def _cifar(name: str, full_steps: int, lr_schedule: str) -> Setting:
     )
 
 
+PAPER_CIFAR2_UNET2D: Mapping[str, Any] = MappingProxyType(
+    {
+        # The paper's CIFAR-2 model, every field of its UNet2DModel config as the paper's code
+        # has it: github.com/BrunoKM/diffusion-influence, scripts/model_configs/unet_cifar2.json
+        # (commit c3fa7f7b; "_class_name"/"_diffusers_version" are not arguments).
+        "act_fn": "silu",
+        "attention_head_dim": None,
+        "block_out_channels": (128, 256, 256, 256),
+        "center_input_sample": False,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "in_channels": 3,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-06,
+        "norm_num_groups": 32,
+        "out_channels": 3,
+        "sample_size": 32,
+        "dropout": 0.1,
+        "time_embedding_type": "positional",
+        "resnet_time_scale_shift": "scale_shift",
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    }
+)
+"""The ``UNet2DModel`` arguments of the paper's CIFAR-2 model (the ``cifar2-paper`` preset)."""
+
+
+def _quick_diffusers() -> Setting:
+    # The paper's UNet2DModel (PAPER_CIFAR2_UNET2D) scaled to quick's digits: its conventions
+    # (timestep embedding, padding, norm eps, scale-shift time conditioning, one attention head)
+    # at quick's size: 16 channels at 8x8 and 4x4, one ResNet per level, attention at 4x4 and
+    # in the middle; no dropout, like quick.
+    sizes = {
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (16, 16),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "dropout": 0.0,
+    }
+    return _quick().replace(
+        name="quick-diffusers", unet=DiffusersUNetConfig({**PAPER_CIFAR2_UNET2D, **sizes})
+    )
+
+
+def _cifar2_paper() -> Setting:
+    def recipe(steps: int) -> TrainConfig:
+        # The paper's code (scripts/configs/cifar2_ddpm.yaml of the repository above): batch
+        # 128, lr 1e-4, warmup 10% of the steps, cosine decay, clipping at 1 (32k steps full,
+        # 16k subsets, as PAPER_NOTES.md); flips as the cifar2 preset (App. G.8). Not
+        # expressible here: AdamW's decoupled weight decay 1e-6 and the EMA of the weights.
+        return TrainConfig(
+            steps=steps,
+            batch_size=128,
+            lr=1e-4,
+            lr_schedule="cosine",
+            warmup_steps=steps // 10,
+            grad_clip=1.0,
+            hflip=True,
+        )
+
+    return _cifar("cifar2", 32_000, "cosine").replace(
+        name="cifar2-paper",
+        unet=DiffusersUNetConfig(PAPER_CIFAR2_UNET2D),
+        train=recipe(32_000),
+        subset_train=recipe(16_000),
+    )
+
+
 PRESETS: Mapping[str, Setting] = MappingProxyType(
     {
         "smoke": _smoke(),
         "quick": _quick(),
         "translate": _translate(),
+        "quick-diffusers": _quick_diffusers(),
         "cifar2": _cifar("cifar2", 32_000, "cosine"),
+        "cifar2-paper": _cifar2_paper(),
         "cifar10": _cifar("cifar10", 160_000, "constant"),
     }
 )

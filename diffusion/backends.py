@@ -12,10 +12,17 @@ Backends (:data:`BACKENDS`):
 
 - ``"unet"`` (default): :class:`diffusion.unet.UNet` built from a
   :class:`diffusion.unet.UNetConfig` (the vmapped ensembles of ``diffusion.ensemble`` need it).
+  Its config's JSON form (``benchmarks.io.to_jsonable``) has no ``backend`` entry: the default
+  backend's artifact keys predate the backends and stay valid.
 - ``"diffusers"``: :class:`DiffusersDenoiser` built from a :class:`DiffusersUNetConfig` (the
   keyword arguments of ``diffusers.UNet2DModel``) or loaded with :func:`load_pretrained` from a
   ``save_pretrained`` folder. Needs the optional extra ``[diffusers]``; it is imported only when
-  a diffusers model is built.
+  a diffusers model is built. Its config's JSON form is ``{"backend": "diffusers", "unet":
+  {...}}``, so a harness and a diffusers model never share an artifact key.
+
+Every model of a benchmark (base, subset, retrained, TracIn checkpoints, a model to load weights
+into) is built by :func:`build_denoiser`, whose ``generator`` makes the initial weights a pure
+function of its state for both backends without touching the global RNG.
 
 The noise schedule of a diffusers checkpoint comes from its ``DDPMScheduler`` config
 (:func:`schedule_from_scheduler_config`), checked against :class:`NoiseSchedule` where they
@@ -24,8 +31,10 @@ overlap (the betas and cumulative alphas of the linear schedule).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,9 +51,11 @@ __all__ = [
     "Denoiser",
     "DiffusersDenoiser",
     "DiffusersUNetConfig",
+    "backend_of",
     "build_denoiser",
     "load_pretrained",
     "schedule_from_scheduler_config",
+    "unet2d_arguments",
 ]
 
 DIFFUSERS_INSTALL_HINT = (
@@ -82,6 +93,20 @@ def _import_diffusers():
     return diffusers
 
 
+@cache
+def unet2d_arguments() -> tuple[str, ...]:
+    """The keyword arguments of ``diffusers.UNet2DModel.__init__`` (imports diffusers)."""
+    parameters = inspect.signature(_import_diffusers().UNet2DModel.__init__).parameters
+    return tuple(name for name in parameters if name != "self")
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with every list turned into a tuple (recursively), for stable equality."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class DiffusersUNetConfig:
     """A diffusers ``UNet2DModel`` by its constructor's keyword arguments.
@@ -90,13 +115,19 @@ class DiffusersUNetConfig:
         unet: keyword arguments of ``diffusers.UNet2DModel`` (its ``config`` as saved by
             ``save_pretrained``; keys starting with ``_`` are ignored). ``sample_size`` (an int:
             square images), ``in_channels`` and ``out_channels`` must be set, with
-            ``in_channels == out_channels`` (an eps-prediction model).
+            ``in_channels == out_channels`` (an eps-prediction model). Stored with sorted keys
+            and lists as tuples, so a config read back from JSON equals the original.
+        backend: always ``"diffusers"`` (not an argument): it puts the backend's name into the
+            config's JSON form, hence into every artifact key holding the architecture.
     """
 
     unet: Mapping[str, Any] = field(default_factory=dict)
+    backend: str = field(default="diffusers", init=False)
 
     def __post_init__(self) -> None:
-        kwargs = {k: v for k, v in dict(self.unet).items() if not k.startswith("_")}
+        kwargs = {
+            k: _frozen(v) for k, v in sorted(dict(self.unet).items()) if not k.startswith("_")
+        }
         object.__setattr__(self, "unet", kwargs)
         size = kwargs.get("sample_size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -119,6 +150,33 @@ class DiffusersUNetConfig:
     def image_size(self) -> int:
         """H = W, the side of the square images."""
         return int(self.unet["sample_size"])
+
+    @property
+    def dropout(self) -> float:
+        """The ``dropout`` argument of ``UNet2DModel`` (its default: 0)."""
+        return float(self.unet.get("dropout", 0.0))
+
+    def with_arguments(self, overrides: Mapping[str, Any]) -> DiffusersUNetConfig:
+        """A copy with some ``UNet2DModel`` arguments replaced (imports diffusers).
+
+        Args:
+            overrides: argument name -> value, e.g. ``{"block_out_channels": [16, 32]}``.
+
+        Returns:
+            The new config.
+
+        Raises:
+            ValueError: a name that is not an argument of ``UNet2DModel.__init__`` (naming it),
+                or an invalid config.
+        """
+        known = unet2d_arguments()
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(
+                f"{unknown} {'is not an argument' if len(unknown) == 1 else 'are not arguments'}"
+                f" of diffusers.UNet2DModel; its arguments: {', '.join(known)}"
+            )
+        return replace(self, unet={**self.unet, **overrides})
 
 
 class DiffusersDenoiser(nn.Module):
@@ -148,6 +206,27 @@ class DiffusersDenoiser(nn.Module):
         self.unet.save_pretrained(str(path))
 
 
+def _build_diffusers(
+    config: DiffusersUNetConfig, generator: torch.Generator | None
+) -> DiffusersDenoiser:
+    """A fresh ``UNet2DModel``; with ``generator``, seeded from it and off the global RNG.
+
+    diffusers initialises from the global RNG, so the model is built inside ``fork_rng`` with
+    the CPU's global generator seeded from one draw of ``generator``: the weights are a pure
+    function of ``generator``'s state and the caller's global RNG state is restored.
+    """
+    if generator is None:
+        return DiffusersDenoiser(config)
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return DiffusersDenoiser(config)
+
+
+def _build_unet(config: UNetConfig, generator: torch.Generator | None) -> UNet:
+    return UNet(config, generator=generator)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One model backend.
@@ -155,30 +234,54 @@ class Backend:
     Attributes:
         name: the backend's name in :data:`BACKENDS`.
         config_type: the config dataclass it is built from.
-        build: ``config -> model`` (a fresh, untrained :class:`Denoiser`).
+        build: ``(config, generator or None) -> model`` (a fresh, untrained :class:`Denoiser`;
+            with a generator, its initial weights are a pure function of the generator's state
+            and the global RNG is left untouched).
     """
 
     name: str
     config_type: type
-    build: Callable[[Any], nn.Module]
+    build: Callable[[Any, torch.Generator | None], nn.Module]
 
 
 BACKENDS: dict[str, Backend] = {
-    "unet": Backend("unet", UNetConfig, UNet),
-    "diffusers": Backend("diffusers", DiffusersUNetConfig, DiffusersDenoiser),
+    "unet": Backend("unet", UNetConfig, _build_unet),
+    "diffusers": Backend("diffusers", DiffusersUNetConfig, _build_diffusers),
 }
 """Backend name -> :class:`Backend`; ``"unet"`` is the default everywhere."""
 
 
-def build_denoiser(config: UNetConfig | DiffusersUNetConfig) -> nn.Module:
-    """A fresh model of the backend whose config type ``config`` is."""
+def backend_of(config: Any) -> Backend:
+    """The backend whose config type ``config`` is.
+
+    Raises:
+        TypeError: no backend is built from a config of that type (listing the known types).
+    """
     for backend in BACKENDS.values():
         if isinstance(config, backend.config_type):
-            return backend.build(config)
+            return backend
     raise TypeError(
         f"no backend builds a {type(config).__name__}; known config types: "
         f"{[b.config_type.__name__ for b in BACKENDS.values()]}"
     )
+
+
+def build_denoiser(
+    config: UNetConfig | DiffusersUNetConfig, *, generator: torch.Generator | None = None
+) -> nn.Module:
+    """A fresh model of the backend whose config type ``config`` is.
+
+    The one place a model of either backend is built (training, loading stored weights).
+
+    Args:
+        config: a :class:`~diffusion.unet.UNetConfig` or a :class:`DiffusersUNetConfig`.
+        generator: CPU generator of the initial weights: with one, they are a pure function of
+            its state and the global RNG is untouched; None draws them from the global RNG.
+
+    Returns:
+        The untrained model (train mode, float32, on the CPU).
+    """
+    return backend_of(config).build(config, generator)
 
 
 def schedule_from_scheduler_config(config: Mapping[str, Any]) -> NoiseSchedule:

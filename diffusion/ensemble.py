@@ -56,6 +56,10 @@ Dropout: ``nn.Dropout`` draws from the global RNG; under ``vmap`` it would need
 ``randomness="different"``, which draws one batched mask from one stream and cannot reproduce
 ``train_model``'s per-seed masks. ``train_ensemble`` therefore refuses ``dropout > 0`` with a
 ``ValueError`` (train such models with ``train_model``) rather than silently using other masks.
+
+Backends: the members are harness U-Nets (``diffusion.unet``), whose layers have the batched
+rules of :mod:`diffusion.member_layers`; a diffusers model trains one at a time with
+``train_model``. :func:`ensemble_trainable` says which configs this module trains.
 """
 
 from __future__ import annotations
@@ -64,10 +68,12 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.utils import parameters_to_vector
 from tqdm.auto import tqdm
 
+from diffusion.backends import build_denoiser
 from diffusion.member_layers import use_member_layers
 from diffusion.schedule import NoiseSchedule
 from diffusion.train import (
@@ -77,9 +83,9 @@ from diffusion.train import (
     diffusion_loss,
     learning_rate,
 )
-from diffusion.unet import UNet, UNetConfig
+from diffusion.unet import UNetConfig
 
-__all__ = ["ENSEMBLE_KERNELS", "train_ensemble"]
+__all__ = ["ENSEMBLE_KERNELS", "ensemble_trainable", "train_ensemble"]
 
 ENSEMBLE_KERNELS = 3
 """Version of the ensemble's kernels, recorded in ground-truth model specs: bumped whenever a
@@ -89,6 +95,16 @@ convolution per member instead of a grouped one whose kernel depended on K), so 
 two versions never share one ground truth."""
 
 _DTYPES = (torch.float32, torch.float64)
+
+
+def ensemble_trainable(unet_config: object) -> bool:
+    """Whether :func:`train_ensemble` trains models of ``unet_config``.
+
+    A harness ``UNetConfig`` without dropout; not a diffusers config (its layers have no
+    batched member rules) nor dropout (see the module docstring): those train one at a time
+    with ``train_model``.
+    """
+    return isinstance(unet_config, UNetConfig) and unet_config.dropout == 0
 
 
 def _check_subsets(subsets: Sequence[torch.Tensor], n_images: int) -> list[torch.Tensor]:
@@ -146,7 +162,7 @@ def train_ensemble(
     device: str | torch.device = "cpu",
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
-) -> list[UNet]:
+) -> list[nn.Module]:
     """Train K = ``len(seeds)`` U-Nets from scratch at once, member k on ``images[subsets[k]]``.
 
     Member k follows the random streams of ``train_model(images[subsets[k]], unet_config,
@@ -210,7 +226,9 @@ def train_ensemble(
     n_members, batch = len(members), train_config.batch_size
 
     generators = [_member_generators(seed, device) for seed in seeds]
-    models = [UNet(unet_config, generator=init_gen).to(dtype) for init_gen, _, _ in generators]
+    models = [
+        build_denoiser(unet_config, generator=init_gen).to(dtype) for init_gen, _, _ in generators
+    ]
     batches = [
         _epoch_batches(s.numel(), batch, index_gen)
         for s, (_, index_gen, _) in zip(members, generators, strict=True)

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion.backends import DiffusersUNetConfig, backend_of, build_denoiser
 from diffusion.schedule import NoiseSchedule
-from diffusion.unet import UNet, UNetConfig
+from diffusion.unet import UNetConfig
 
 __all__ = [
     "LR_SCHEDULES",
@@ -223,7 +224,7 @@ def _private_global_rng(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
-def _check_images(images: torch.Tensor, config: UNetConfig) -> None:
+def _check_images(images: torch.Tensor, config: UNetConfig | DiffusersUNetConfig) -> None:
     expected = (config.image_channels, config.image_size, config.image_size)
     if (
         not isinstance(images, torch.Tensor)
@@ -277,18 +278,18 @@ def _checkpoint(model: nn.Module, step: int, lr: float) -> TrainingCheckpoint:
 
 def train_model(
     images: torch.Tensor,
-    unet_config: UNetConfig,
+    unet_config: UNetConfig | DiffusersUNetConfig,
     train_config: TrainConfig,
     *,
     seed: int,
     schedule: NoiseSchedule | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    init_model: UNet | None = None,
+    init_model: nn.Module | None = None,
     checkpoint_steps: Sequence[int] = (),
     on_checkpoint: Callable[[TrainingCheckpoint], None] | None = None,
-) -> UNet:
-    """Train a U-Net from scratch (or from a copy of ``init_model``) on ``images``.
+) -> nn.Module:
+    """Train a model of either backend from scratch (or from a copy of ``init_model``).
 
     Checkpoints (for TracIn-CP) are copies of the weights handed to ``on_checkpoint`` after the
     steps listed in ``checkpoint_steps``; taking them draws no random number and changes no
@@ -296,7 +297,9 @@ def train_model(
 
     Args:
         images: training set, [N, C, H, W], float in [-1, 1].
-        unet_config: architecture (must match ``init_model.config`` when that is given).
+        unet_config: architecture: a harness ``UNetConfig`` or a ``DiffusersUNetConfig``
+            (``diffusion.backends``; the model is built by ``build_denoiser``); must match
+            ``init_model.config`` when that is given.
         train_config: optimisation hyper-parameters.
         seed: determines everything random: the initial weights, minibatch order, flips, t, eps
             and dropout. Same seed -> bitwise identical weights on the CPU.
@@ -317,8 +320,10 @@ def train_model(
     """
     if not isinstance(train_config, TrainConfig):
         raise ValueError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
-    if not isinstance(unet_config, UNetConfig):
-        raise ValueError(f"unet_config must be a UNetConfig, got {type(unet_config).__name__}")
+    try:
+        backend_of(unet_config)
+    except TypeError as error:
+        raise ValueError(f"unet_config: {error}") from None
     if init_model is not None and init_model.config != unet_config:
         raise ValueError(
             f"init_model.config {init_model.config} differs from unet_config {unet_config}"
@@ -340,7 +345,7 @@ def train_model(
 
     with _private_global_rng(device, dropout_seed):
         if init_model is None:
-            model = UNet(unet_config, generator=init_gen)
+            model = build_denoiser(unet_config, generator=init_gen)
         else:
             model = copy.deepcopy(init_model).float()
         model = model.to(device).train()

@@ -26,7 +26,15 @@ def test_presets_validate_and_round_trip_through_json(name):
 
 
 def test_preset_names():
-    assert list(PRESETS) == ["smoke", "quick", "translate", "cifar2", "cifar10"]
+    assert list(PRESETS) == [
+        "smoke",
+        "quick",
+        "translate",
+        "quick-diffusers",
+        "cifar2",
+        "cifar2-paper",
+        "cifar10",
+    ]
     with pytest.raises(TypeError):
         PRESETS["mine"] = get_preset("quick")  # read-only
 
