@@ -11,7 +11,8 @@ any registered attribution method (``python -m methods --list``) and writes, int
 - ``top_influences.png``: the Figure-1 grid (each query with its top, most negative and most
   neutral training images, file names under the images);
 - ``provenance.json``: the command, its resolved settings, the query names (and the sampling
-  seed), the method's config, the noise schedule, code and package versions.
+  seed), the method's config, the noise schedule, code and package versions, and the seconds
+  and peak memory of loading and of scoring (``stages``).
 
 The model is a diffusers checkpoint (``diffusion.backends.load_pretrained``: a folder with
 ``unet/`` and ``scheduler/`` subfolders, or a ``DDPMPipeline`` folder); nothing is downloaded.
@@ -50,11 +51,12 @@ from benchmarks.errors import UsageError
 from benchmarks.io import atomic_write_bytes, atomic_write_text, to_jsonable
 from benchmarks.pipeline import resolve_device
 from benchmarks.plots import plot_influence_grid
-from benchmarks.provenance import collect_provenance
+from benchmarks.provenance import StageLog, collect_provenance
 from benchmarks.runner import build_method, check_options
-from diffusion.backends import load_pretrained
+from diffusion.backends import DiffusersDenoiser, load_pretrained
 from diffusion.measurements import parse_measurement
 from diffusion.sampling import sample
+from diffusion.schedule import NoiseSchedule
 from methods import MethodContext, get_method
 from methods.base import AttributionMethod
 from methods.fingerprint import tensor_fingerprint
@@ -264,17 +266,10 @@ class Attribution:
     provenance: dict[str, Any]
 
 
-def attribute(config: AttributeConfig) -> Attribution:
-    """Score the queries against the training images of ``config`` (writes nothing).
-
-    Args:
-        config: the run.
-
-    Returns:
-        The scores, both image sets and the provenance.
-    """
-    method = _method(config)
-    device = resolve_device(config.device)
+def _load_inputs(
+    config: AttributeConfig, device: torch.device
+) -> tuple[DiffusersDenoiser, NoiseSchedule, ImageSet, ImageSet]:
+    """The checkpoint, its schedule, the training images and the queries (read or sampled)."""
     try:
         model, schedule = load_pretrained(config.model_dir, device=device)
     except (FileNotFoundError, ValueError) as error:
@@ -291,6 +286,23 @@ def attribute(config: AttributeConfig) -> Attribution:
         queries = load_image_folder(config.query_dir, channels, size, progress=config.progress)
     else:
         queries = _sample_queries(model, schedule, config, device)
+    return model, schedule, train, queries
+
+
+def attribute(config: AttributeConfig) -> Attribution:
+    """Score the queries against the training images of ``config`` (writes nothing).
+
+    Args:
+        config: the run.
+
+    Returns:
+        The scores, both image sets and the provenance.
+    """
+    method = _method(config)
+    device = resolve_device(config.device)
+    stages = StageLog()
+    with stages.stage("load", device=device):
+        model, schedule, train, queries = _load_inputs(config, device)
     ctx = MethodContext(
         model=model,
         schedule=schedule,
@@ -308,7 +320,8 @@ def attribute(config: AttributeConfig) -> Attribution:
         query_samples=config.query_samples,
         progress=config.progress,
     )
-    scores = method.score(ctx)  # [n_queries, n_train]
+    with stages.stage("score", device=device):
+        scores = method.score(ctx)  # [n_queries, n_train]
     provenance = collect_provenance() | {
         "run": asdict(config),
         "method_config": asdict(method.config),
@@ -317,6 +330,7 @@ def attribute(config: AttributeConfig) -> Attribution:
         "queries": list(queries.names),
         "query_source": "sampled" if config.query_dir is None else "folder",
         "sampling_seed": config.seed if config.query_dir is None else None,
+        "stages": stages.to_dict(),  # seconds and peak memory of loading and scoring
     }
     return Attribution(np.asarray(scores, dtype=np.float64), queries, train, provenance)
 

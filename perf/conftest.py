@@ -88,6 +88,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=8,
         help="MC samples per example in the memory-scaling case (default 8)",
     )
+    group.addoption(
+        "--bench-attribute-samples",
+        type=int,
+        default=2,
+        help="MC samples per image of the attribute 2k-vs-20k case (default 2)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -94,6 +94,9 @@ def test_kfac_writes_the_four_outputs_and_finds_the_training_image(folders, tmp_
     assert provenance["query_source"] == "folder" and provenance["sampling_seed"] is None
     assert provenance["schedule"] == {"num_timesteps": 50, "beta_start": 1e-3, "beta_end": 0.05}
     assert provenance["run"]["method"] == "kfac" and "git_commit" in provenance
+    assert list(provenance["stages"]) == ["load", "score"]
+    for stage in provenance["stages"].values():
+        assert stage["seconds"] > 0 and stage["peak_memory_mb"] >= 0
 
 
 def test_sampled_queries_record_their_seed(folders, tmp_path):
