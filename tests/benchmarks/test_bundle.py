@@ -196,15 +196,22 @@ def test_the_lds_imports_the_shipped_bundle_and_says_so(exported, tmp_path, monk
     assert count_trainings(ArtifactStore(tmp_path / "cache")) == 0
 
 
-def test_the_shipped_quick_bundle_matches_the_quick_preset():
+SHIPPED = sorted(p.name for p in bundle.SHIPPED_BUNDLES.iterdir() if p.is_dir())
+"""The presets with a bundle in the repository (``results/groundtruth/<preset>``)."""
+
+
+def test_quick_has_a_shipped_bundle():
+    assert "quick" in SHIPPED, (
+        "results/groundtruth/quick/ is missing (python -m benchmarks.groundtruth --preset quick "
+        "--export results/groundtruth/quick)"
+    )
+
+
+@pytest.mark.parametrize("preset", SHIPPED)
+def test_a_shipped_bundle_matches_its_preset(preset):
     """A preset change without a new bundle fails here (fingerprint, masks and store keys)."""
-    path = bundle.shipped_bundle("quick")
-    if path is None:
-        pytest.skip(
-            "results/groundtruth/quick/ is not shipped yet (python -m "
-            "benchmarks.groundtruth --preset quick --export results/groundtruth/quick)"
-        )
-    info = bundle.verify_bundle(path, get_preset("quick"))
+    path = bundle.shipped_bundle(preset)
+    info = bundle.verify_bundle(path, get_preset(preset))
     assert set(info.targets) >= {"loss", "elbo"}
     size = sum(p.stat().st_size for p in path.iterdir())
     assert size <= 5 * 2**20, f"the shipped bundle is {size} bytes, more than 5 MB"
