@@ -34,10 +34,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from benchmarks.settings import Setting
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 _ROWS_KEY = pytest.StashKey[list]()
@@ -45,8 +48,14 @@ _STORE_KEY = pytest.StashKey[dict]()
 _START_KEY = pytest.StashKey[float]()
 
 #: Run order of this suite's files (cases reuse results of earlier ones, e.g. the kronfluence
-#: comparison reuses the K-FAC scores and time of the scoring file). Other files run last.
-_FILE_ORDER = ("test_bench_scoring.py", "test_bench_kronfluence.py", "test_bench_memory.py")
+#: comparison and the methods' K-FAC reference reuse the K-FAC scores and time of the scoring
+#: file). Other files run last.
+_FILE_ORDER = (
+    "test_bench_scoring.py",
+    "test_bench_methods.py",
+    "test_bench_kronfluence.py",
+    "test_bench_memory.py",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +141,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         tr.write_line(f"written to {path}")
 
 
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Rewrite ``ratios.json`` after every case: a run stopped part-way keeps its rows."""
+    _write_ratios(item.config, exitstatus=None)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
+    _write_ratios(session.config, exitstatus=int(exitstatus))
+
+
+def _write_ratios(config: pytest.Config, exitstatus: int | None) -> None:
+    """Write the rows so far to ``<--bench-out>/ratios.json`` (nothing when there are none).
+
+    Args:
+        config: the pytest config (its stash holds the rows and the session store).
+        exitstatus: the session's exit status; None while cases are still running (the file
+            then says ``"finished": false``).
+    """
     rows: list[RatioRow] = config.stash.get(_ROWS_KEY, [])
     if not rows:
         return
@@ -141,13 +165,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from benchmarks.provenance import collect_provenance
 
     store = config.stash[_STORE_KEY]
+    if "_provenance" not in store:  # once per session: git and package look-ups
+        store["_provenance"] = collect_provenance(REPO_DIR)
     out_dir = Path(config.getoption("--bench-out"))
     payload = {
         "suite": "perf (attribution scoring)",
+        "finished": exitstatus is not None,
+        "exitstatus": exitstatus,
         "suite_seconds": time.perf_counter() - config.stash[_START_KEY],
         "bound": store.get("_bound_summary"),
         "ratios": [row.to_dict() for row in rows],
-        "provenance": collect_provenance(REPO_DIR),
+        "provenance": store["_provenance"],
     }
     path = out_dir / "ratios.json"
     data = json.dumps(to_jsonable(payload, nonfinite="null"), indent=2) + "\n"
@@ -330,6 +358,10 @@ class BenchProblem:
         batch_size: examples per gradient chunk (``KFACInfluence.Config.batch_size``).
         seed: seed of the MC draws.
         proj_dim: TRAK's projection dimension in this preset (4096).
+        setting: the quick preset with the bench's training recipe (``--bench-train-steps``
+            steps): the U-Net, recipe, seed and schedule :attr:`model` was trained with
+            (``benchmarks.pipeline.train_base_model``), for cases that retrain (checkpoints,
+            ensemble members); its ``method_options`` are what a quick run builds methods with.
         measurement: the measurement attributed (``"loss"``).
     """
 
@@ -343,6 +375,7 @@ class BenchProblem:
     batch_size: int
     seed: int
     proj_dim: int
+    setting: Setting | None = None
     measurement: str = "loss"
 
     @property
@@ -374,26 +407,26 @@ class BenchProblem:
 
 def build_problem(train_steps: int) -> BenchProblem:
     """The quick preset's problem (see :class:`BenchProblem`); seconds on the CPU."""
+    from benchmarks.pipeline import train_base_model
     from benchmarks.settings import get_preset
     from datasets import load_dataset
-    from diffusion.train import TrainConfig, train_model
+    from diffusion.train import TrainConfig
     from methods.kfac import KFACInfluence
 
-    setting = get_preset("quick")
-    images = load_dataset(setting.dataset).images
-    if setting.n_train is not None:
-        images = images[: setting.n_train]
+    quick = get_preset("quick")
+    images = load_dataset(quick.dataset).images
+    if quick.n_train is not None:
+        images = images[: quick.n_train]
     recipe = TrainConfig(
         steps=train_steps,
-        batch_size=setting.train.batch_size,
+        batch_size=quick.train.batch_size,
         lr=2e-3,
         lr_schedule="cosine",
         warmup_steps=min(10, train_steps),
         grad_clip=1.0,
     )
-    model = train_model(
-        images, setting.unet, recipe, seed=setting.seed, schedule=setting.schedule
-    ).eval()
+    setting = quick.replace(train=recipe)
+    model = train_base_model(setting, images, device=torch.device("cpu"), progress=False).eval()
     positions = torch.linspace(0, images.shape[0] - 1, setting.n_queries).round().long()
     options = dict(setting.method_options)
     return BenchProblem(
@@ -407,6 +440,7 @@ def build_problem(train_steps: int) -> BenchProblem:
         batch_size=KFACInfluence.Config().batch_size,
         seed=setting.seed,
         proj_dim=int(options.get("proj_dim", 4096)),
+        setting=setting,
     )
 
 

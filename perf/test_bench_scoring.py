@@ -379,6 +379,7 @@ def test_kfac_score(
     assert scores.shape == (p.n_queries, p.n_train) and np.isfinite(scores).all()
     bench_store["kfac_scores"] = scores
     bench_store["kfac_seconds"] = seconds
+    bench_store["kfac_bound"] = bound
 
     fit_rows = p.n_train * p.fit_samples
     train_rows = p.n_train * p.grad_samples
