@@ -13,6 +13,7 @@ from typing import Any
 
 from benchmarks.errors import UsageError
 from benchmarks.executors import EXECUTOR_NAMES, TaskFailedError
+from benchmarks.groundtruth import DEFAULT_ENSEMBLE_SIZE
 from benchmarks.settings import PRESETS
 from benchmarks.store import CacheMismatchError, CorruptArtifactError
 from datasets import DatasetUnavailableError
@@ -118,6 +119,9 @@ class RunOptions:
         threads: torch intra-op threads in this process (None: 1 for the digits presets, whose
             models are so small that one thread is fastest, else torch's default).
         progress: show progress bars.
+        ensemble_size: ground-truth models trained together in one task, vmapped (harness
+            U-Nets without dropout; ``groundtruth.compute_ground_truth``). The models and their
+            keys do not depend on it (bitwise on the CPU); a larger one fills a GPU.
     """
 
     out: str = "results"
@@ -130,8 +134,11 @@ class RunOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     progress: bool = True
+    ensemble_size: int = DEFAULT_ENSEMBLE_SIZE
 
     def __post_init__(self) -> None:
+        if self.ensemble_size < 1:
+            raise UsageError(f"--ensemble-size must be >= 1, got {self.ensemble_size}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
         if self.workers is not None and self.workers < 1:
@@ -179,6 +186,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads (default: 1 for the digits presets, else all)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--ensemble-size",
+        type=int,
+        default=DEFAULT_ENSEMBLE_SIZE,
+        help="ground-truth models trained together per task (vmapped harness U-Nets; larger "
+        "fills a GPU; the results do not depend on it)",
+    )
 
 
 def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,4 +208,5 @@ def run_option_values(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": nest_overrides(parse_key_values(args.overrides, "--set")),
         "threads": args.threads,
         "progress": not args.no_progress,
+        "ensemble_size": args.ensemble_size,
     }

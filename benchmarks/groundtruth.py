@@ -348,14 +348,20 @@ class EnsembleTask:
 def ground_truth_seed(setting: Setting, subset: int, seed_index: int) -> int:
     """The training seed of ground-truth model (subset m, seed index k).
 
+    With ``setting.subset_seeds == "shared"`` it depends on k alone: the k-th models of all
+    subsets share their initial weights and noise draws (common random numbers across subsets).
+
     Args:
-        setting: its seed, from which every ground-truth seed is derived.
+        setting: its seed, from which every ground-truth seed is derived, and its
+            ``subset_seeds`` scheme.
         subset: subset index m in [0, M).
         seed_index: seed index k in [0, K).
 
     Returns:
         A 63-bit seed (:func:`benchmarks.pipeline.derived_seed`).
     """
+    if setting.subset_seeds == "shared":
+        return derived_seed(setting.seed, "ground-truth", seed_index)
     return derived_seed(setting.seed, "ground-truth", subset, seed_index)
 
 

@@ -24,6 +24,7 @@ from benchmarks.cli import RunOptions
 from benchmarks.errors import UsageError
 from benchmarks.executors import make_executor, raise_failures
 from benchmarks.groundtruth import (
+    DEFAULT_ENSEMBLE_SIZE,
     GroundTruth,
     OracleTask,
     compute_ground_truth,
@@ -69,6 +70,7 @@ class Experiment:
         executor: where retraining tasks run (``benchmarks.executors``: the ground truth, the
             exact-retraining oracle, Figure 3's models); None: in this process.
         data_dir: where CIFAR lives, for tasks that load the training set themselves.
+        ensemble_size: ground-truth models per retraining task (``compute_ground_truth``).
     """
 
     setting: Setting
@@ -81,6 +83,7 @@ class Experiment:
     provenance: Mapping[str, Any] | None = None
     executor: Any = None
     data_dir: str | None = None
+    ensemble_size: int = DEFAULT_ENSEMBLE_SIZE
 
     def ground_truth(self, targets: Sequence[str]) -> GroundTruth:
         """The LDS ground truth of ``targets``: loaded, or computed and stored where missing.
@@ -95,6 +98,7 @@ class Experiment:
             executor=self.executor,
             data_dir=self.data_dir,
             device=str(self.device),
+            ensemble_size=self.ensemble_size,
         )
 
 
@@ -265,6 +269,7 @@ def prepare_experiment(
         provenance,
         executor,
         options.data_dir,
+        options.ensemble_size,
     )
     return experiment, stages
 

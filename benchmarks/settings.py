@@ -52,6 +52,7 @@ __all__ = [
     "FINGERPRINT_VERSION",
     "PAPER_CIFAR2_UNET2D",
     "PRESETS",
+    "SUBSET_SEED_SCHEMES",
     "Setting",
     "get_preset",
 ]
@@ -117,7 +118,8 @@ FINGERPRINT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "subset_predictions": _SUBSET_PREDICTIONS,
         # A whole ground truth, as a bundle holds it (``bundle.bundle_fingerprint``): the base
         # model, the queries, M x K measured subset models and the oracle's predictions.
-        "ground_truth": (*_SUBSET_PREDICTIONS, "n_subsets", "n_seeds"),
+        # ``subset_seeds`` is not in ``subset_model``: a model's key holds its training seed.
+        "ground_truth": (*_SUBSET_PREDICTIONS, "n_subsets", "n_seeds", "subset_seeds"),
     }
 )
 """Artifact part -> the Setting fields its artifacts depend on (see :meth:`Setting.fingerprint`).
@@ -126,6 +128,15 @@ FINGERPRINT_PARTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 the parts: ``n_retrain_queries`` and ``retrain_fractions`` choose which artifacts a run uses;
 ``method_options`` reach the methods' keys as their resolved configs; ``name`` is a label.
 """
+
+SUBSET_SEED_SCHEMES = ("independent", "shared")
+"""The values of ``Setting.subset_seeds``."""
+
+_NO_DEFAULT = object()
+_ADDED_AT_VERSION_2 = {"subset_seeds": "independent"}
+"""Fields added after fingerprint version 2 was fixed -> their default: a fingerprint leaves such
+a field out while it has its default, so that every artifact and shipped bundle made before the
+field existed keeps its key (its value then was the default)."""
 
 _NESTED = {"unet": UNetConfig, "train": TrainConfig, "subset_train": TrainConfig}
 """Nested config fields -> their dataclass; ``unet`` may also be a ``DiffusersUNetConfig``."""
@@ -183,6 +194,13 @@ class Setting:
         seed: master seed of the run (base model, queries, subsets, MC draws are derived from
             it), in [0, 2**63).
         schedule: the DDPM noise schedule (paper: T = 1000, linear 1e-4..0.02).
+        subset_seeds: how the ground truth's training seeds are drawn (``groundtruth.
+            ground_truth_seed``): ``"independent"`` (the paper's protocol: model (m, k) has its
+            own seed) or ``"shared"`` (the k-th model of every subset has the same seed, hence
+            the same initial weights and the same noise and timestep draws: common random
+            numbers across subsets, so that differences between subsets come from their data
+            more than from training noise). Each subset's models are still K seeds' models, so
+            the expectation the LDS ranks is the same; only its estimate is less noisy.
     """
 
     name: str
@@ -204,6 +222,7 @@ class Setting:
     method_options: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
     schedule: NoiseSchedule = dataclasses.field(default_factory=NoiseSchedule)
+    subset_seeds: str = "independent"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -295,6 +314,11 @@ class Setting:
         object.__setattr__(self, "method_options", options)
         if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise UsageError(f"Setting.seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.subset_seeds not in SUBSET_SEED_SCHEMES:
+            raise UsageError(
+                f"Setting.subset_seeds must be one of {', '.join(SUBSET_SEED_SCHEMES)}, got "
+                f"{self.subset_seeds!r}.{_closest(self.subset_seeds, SUBSET_SEED_SCHEMES)}"
+            )
 
     # ---- derived views ---------------------------------------------------------------------
 
@@ -329,7 +353,8 @@ class Setting:
         ``{"setting": s.fingerprint(part), ...}`` plus what identifies the single artifact
         (positions, model seed, measured model, target), e.g. ``groundtruth.model_spec``.
         ``part`` is one of :data:`FINGERPRINT_PARTS`; each fingerprint holds only the fields
-        listed there plus ``fingerprint_version``, so that changing M (``n_subsets``) keeps the
+        listed there (less those of ``_ADDED_AT_VERSION_2`` at their default) plus
+        ``fingerprint_version``, so that changing M (``n_subsets``) keeps the
         base model, the queries and the subset models, and the preset ``name`` never matters.
 
         Raises:
@@ -341,7 +366,11 @@ class Setting:
                 f"unknown fingerprint part {part!r}; known parts: "
                 f"{', '.join(FINGERPRINT_PARTS)}.{_closest(part, FINGERPRINT_PARTS)}"
             )
-        out = {name: to_jsonable(getattr(self, name)) for name in fields}
+        out = {
+            name: to_jsonable(getattr(self, name))
+            for name in fields
+            if getattr(self, name) != _ADDED_AT_VERSION_2.get(name, _NO_DEFAULT)
+        }
         out["fingerprint_version"] = FINGERPRINT_VERSION
         return out
 

@@ -71,6 +71,8 @@ CHANGES: dict[str, tuple[object, frozenset[str]]] = {
     "method_options": ((("proj_dim", 256),), frozenset({"trak-features"})),
     "seed": (1, ALL),
     "schedule": ({"beta_end": 0.01}, ALL),
+    # the subset models' training seeds (hence their keys and measurements) and the bundle
+    "subset_seeds": ("shared", frozenset({"subset-model", "measurement", "ground-truth-bundle"})),
 }
 
 PARTS = {  # kind -> the fingerprint part its spec holds

@@ -117,3 +117,73 @@ def test_a_stored_ground_truth_sends_no_task_to_the_executor(tiny_cache, tmp_pat
     again = compute_ground_truth(setting, store, ["loss"], n_train=24, executor=Recorder())
     assert calls == [0]
     np.testing.assert_array_equal(again.values["loss"], first.values["loss"])
+
+
+def test_shared_subset_seeds_are_common_random_numbers_across_subsets(tmp_path):
+    """``subset_seeds="shared"``: the k-th model of every subset has seed k's seed, so the
+    models of one seed index start from the same weights (through the real ensemble trainer),
+    and the scheme changes no other seed; an unknown scheme is a usage error naming both."""
+    from benchmarks.errors import UsageError
+    from benchmarks.groundtruth import get_or_train_models, ground_truth_seed
+
+    independent = tiny_setting().replace(n_subsets=4, n_seeds=3)
+    shared = independent.replace(subset_seeds="shared")
+    grid = [[ground_truth_seed(shared, m, k) for m in range(4)] for k in range(3)]
+    assert all(len(set(row)) == 1 for row in grid) and len({row[0] for row in grid}) == 3
+    per_model = {ground_truth_seed(independent, m, k) for m in range(4) for k in range(3)}
+    assert len(per_model) == 12 and not per_model & {row[0] for row in grid}
+
+    # One step at a negligible learning rate: each model is its initial weights to ~1e-9.
+    frozen = shared.replace(subset_train={"steps": 1, "warmup_steps": 0, "lr": 1e-12})
+    train_set = load_train_set(frozen)
+    masks = subset_masks(len(train_set), frozen)
+    members = [
+        (np.flatnonzero(masks[m]), ground_truth_seed(frozen, m, k))
+        for k, m in ((0, 0), (0, 1), (1, 0))
+    ]
+    a, b, c = (
+        torch.cat([p.detach().flatten() for p in model.parameters()])
+        for model in get_or_train_models(
+            frozen,
+            ArtifactStore(tmp_path),
+            train_set.images,
+            members,
+            "subset_model",
+            device=torch.device("cpu"),
+            keep=False,
+        )
+    )
+    assert not np.array_equal(masks[0], masks[1])
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-8)  # subsets 0 and 1, seed index 0
+    assert (a - c).abs().max() > 1e-3  # seed index 1 starts elsewhere
+
+    with pytest.raises(UsageError, match="independent, shared"):
+        independent.replace(subset_seeds="common")
+
+
+def test_the_ensemble_size_option_reaches_the_ground_truth(monkeypatch):
+    """``--ensemble-size`` (RunOptions) is passed to ``compute_ground_truth``; 0 is a usage
+    error."""
+    from benchmarks import runner
+    from benchmarks.bundle import main as groundtruth_main
+
+    seen = {}
+    monkeypatch.setattr(
+        runner,
+        "compute_ground_truth",
+        lambda *a, **kw: seen.setdefault("size", kw["ensemble_size"]),
+    )
+    experiment = runner.Experiment(
+        tiny_setting(),
+        None,
+        None,
+        torch.zeros(24, 1, 8, 8),
+        None,
+        torch.device("cpu"),
+        ensemble_size=32,
+    )
+    experiment.ground_truth(["loss"])
+    assert seen["size"] == 32
+    with pytest.raises(SystemExit) as exit_info:
+        groundtruth_main(["--preset", "smoke", "--ensemble-size", "0"])
+    assert exit_info.value.code == 2
