@@ -167,7 +167,9 @@ class DiffusersUNetConfig:
 
         Raises:
             ValueError: a name that is not an argument of ``UNet2DModel.__init__`` (naming it),
-                or an invalid config.
+                an invalid config, or arguments that do not fit together (diffusers' own message:
+                the model is built on the meta device, which takes no memory, so that a
+                mismatch is refused here rather than when the first model trains).
         """
         known = unet2d_arguments()
         unknown = sorted(set(overrides) - set(known))
@@ -176,7 +178,13 @@ class DiffusersUNetConfig:
                 f"{unknown} {'is not an argument' if len(unknown) == 1 else 'are not arguments'}"
                 f" of diffusers.UNet2DModel; its arguments: {', '.join(known)}"
             )
-        return replace(self, unet={**self.unet, **overrides})
+        config = replace(self, unet={**self.unet, **overrides})
+        try:
+            with torch.device("meta"):
+                _import_diffusers().UNet2DModel(**config.unet)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"diffusers.UNet2DModel refuses these arguments: {error}") from error
+        return config
 
 
 class DiffusersDenoiser(nn.Module):

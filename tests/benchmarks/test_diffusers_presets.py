@@ -218,7 +218,7 @@ def test_ground_truth_of_a_diffusers_model_trains_one_at_a_time(tmp_path):
         EnsembleTask(setting, str(tmp_path), None, ((0, 0),), ("loss",))
 
 
-def test_set_overrides_unet2d_arguments_and_names_an_unknown_one():
+def test_set_overrides_unet2d_arguments_and_names_an_unknown_or_misfitting_one():
     preset = get_preset("quick-diffusers")
     overrides = nest_overrides(parse_key_values(["unet.block_out_channels=[16,32]"], "--set"))
     changed = preset.replace(**overrides)
@@ -231,6 +231,15 @@ def test_set_overrides_unet2d_arguments_and_names_an_unknown_one():
         preset.replace(**bad)
     with pytest.raises(UsageError, match="not a JSON list"):
         parse_key_values(["unet.block_out_channels=[16,"], "--set")
+    # Arguments that do not fit together are refused when the Setting is made, not when the
+    # first model trains: three channel counts for two down blocks, and groups that do not
+    # divide the channels.
+    for wrong, why in (
+        ("unet.block_out_channels=[16,16,16]", "same number of `block_out_channels`"),
+        ("unet.norm_num_groups=5", "divisible by num_groups"),
+    ):
+        with pytest.raises(UsageError, match=f"UNet2DModel refuses these arguments: .*{why}"):
+            preset.replace(**nest_overrides(parse_key_values([wrong], "--set")))
 
 
 def test_quick_diffusers_is_quick_with_a_unet2d_model():
