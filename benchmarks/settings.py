@@ -135,7 +135,6 @@ the parts: ``n_retrain_queries`` and ``retrain_fractions`` choose which artifact
 SUBSET_SEED_SCHEMES = ("independent", "shared")
 """The values of ``Setting.subset_seeds``."""
 
-_NO_DEFAULT = object()
 _ADDED_AT_VERSION_2 = {"subset_seeds": "independent"}
 """Fields added after fingerprint version 2 was fixed -> their default: a fingerprint leaves such
 a field out while it has its default, so that every artifact and shipped bundle made before the
@@ -372,7 +371,7 @@ class Setting:
         out = {
             name: to_jsonable(getattr(self, name))
             for name in fields
-            if getattr(self, name) != _ADDED_AT_VERSION_2.get(name, _NO_DEFAULT)
+            if name not in _ADDED_AT_VERSION_2 or getattr(self, name) != _ADDED_AT_VERSION_2[name]
         }
         out["fingerprint_version"] = FINGERPRINT_VERSION
         return out

@@ -230,20 +230,17 @@ def _record(
 ) -> None:
     """The three rows every method gets (module docstring)."""
     rows = problem.n_train * problem.grad_samples + problem.n_queries * problem.query_samples
-    ratios.record(
-        benchmark,
-        f"{name} seconds per query",
-        seconds / problem.n_queries,
-        unit="s",
-        detail=f"{seconds:.1f} s / {problem.n_queries} queries",
-    )
-    ratios.record(
-        benchmark,
-        f"{name} seconds per training example",
-        seconds / problem.n_train,
-        unit="s",
-        detail=f"{seconds:.1f} s / {problem.n_train} training examples",
-    )
+    for unit, units, count in (
+        ("query", "queries", problem.n_queries),
+        ("training example", "training examples", problem.n_train),
+    ):
+        ratios.record(
+            benchmark,
+            f"{name} seconds per {unit}",
+            seconds / count,
+            unit="s",
+            detail=f"{seconds:.1f} s / {count} {units}",
+        )
     ratios.record(
         benchmark,
         f"{name} / per-example gradient bound",
